@@ -1,0 +1,202 @@
+"""MiniGPT1: a small GPT-1 (Radford et al., 2018) of the course (IFT6135 assignment 2).
+
+Legend: B batch, T time, C channels (embedding size), H heads, D head size (C = H * D),
+V vocabulary, L maximum sequence length.
+
+    ids (B, T) -> token + position embedding (B, T, C) -> num_layers post-norm Blocks (B, T, C)
+               -> Linear C->V (the token embedding matrix itself) -> log_softmax (B, T, V)
+
+A Block is GPT-1's post-norm block: a = norm1(x + attention(x)); out = norm2(a + mlp(a)).
+The embeddings, and with them the tied output weight, are frozen unless `learn_embeddings=True`.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.embeddings import GPT1Embedding, load_embedding_arrays
+from utils.language_model import LanguageModel
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm)."""
+
+    def __init__(self, hidden_size, eps=1e-5):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def forward(self, inputs):
+        """`inputs` `(*, hidden_size)` -> same shape, each last-dimension vector normalised."""
+        mean = inputs.mean(dim=-1, keepdim=True)  # (*, 1)
+        variance = inputs.var(dim=-1, unbiased=False, keepdim=True)  # (*, 1)
+        normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
+        return normalised * self.weight + self.bias
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class MultiHeadedAttention(nn.Module):
+    """Causal multi-headed self-attention with affine Q, K, V and output maps.
+
+    `fused` (default True) makes `forward` use PyTorch's scaled-dot-product attention kernel (flash
+    attention on a GPU); it computes the same function as `get_attention_weights` followed by
+    `apply_attention`, which stay the explicit definitions. Set it to False for the course's
+    straightforward path (the benchmark's reference).
+    """
+
+    def __init__(self, head_size, num_heads, sequence_length):
+        super().__init__()
+        self.head_size = head_size
+        self.num_heads = num_heads
+        self.sequence_length = sequence_length
+        self.fused = True
+
+        width = num_heads * head_size
+        self.queries = nn.Linear(width, width)
+        self.keys = nn.Linear(width, width)
+        self.values = nn.Linear(width, width)
+        self.output = nn.Linear(width, width)
+        # s in the course's formula; a buffer so it follows .to(device), not saved in state_dicts.
+        causal = torch.tril(torch.ones(sequence_length, sequence_length))
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def get_attention_weights(self, queries, keys):
+        """Causal attention weights.
+
+        `queries`, `keys` `(B, H, T, head_size)` -> `(B, H, T, T)`: softmax over the last
+        dimension of x~ = x * s - 1e4 * (1 - s), x = Q K^T / sqrt(head_size), s lower-triangular.
+        """
+        length = queries.shape[-2]
+        scores = queries @ keys.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, T)
+        s = self.causal_mask[:length, :length]  # (T, T)
+        scores = scores * s - 1e4 * (1 - s)
+        return torch.softmax(scores, dim=-1)  # (B, H, T, T)
+
+    def apply_attention(self, queries, keys, values):
+        """`(B, H, T, head_size)` three times -> `(B, T, H * head_size)`: merged heads of A V."""
+        weights = self.get_attention_weights(queries, keys)  # (B, H, T, T)
+        return self.merge_heads(weights @ values)  # (B, H, T, D) -> (B, T, H * D)
+
+    def split_heads(self, tensor):
+        """`(B, T, H * dim)` -> `(B, H, T, dim)` with `y[b, h, t, i] = x[b, t, h * dim + i]`."""
+        batch_size, length, width = tensor.shape
+        tensor = tensor.view(batch_size, length, self.num_heads, width // self.num_heads)  # (B, T, H, dim)
+        return tensor.transpose(1, 2)  # (B, H, T, dim)
+
+    def merge_heads(self, tensor):
+        """`(B, H, T, dim)` -> `(B, T, H * dim)`: the inverse of `split_heads`."""
+        batch_size, num_heads, length, dim = tensor.shape
+        tensor = tensor.transpose(1, 2)  # (B, T, H, dim)
+        return tensor.reshape(batch_size, length, num_heads * dim)  # (B, T, H * dim)
+
+    def forward(self, hidden_states):
+        """`hidden_states` `(B, T, H * head_size)` with `T <= sequence_length` -> same shape."""
+        length = hidden_states.shape[1]
+        if length > self.sequence_length:
+            raise ValueError(f"sequence of length {length} is longer than sequence_length="
+                             f"{self.sequence_length}; cut the input to at most that many tokens")
+        queries = self.split_heads(self.queries(hidden_states))  # (B, H, T, D)
+        keys = self.split_heads(self.keys(hidden_states))  # (B, H, T, D)
+        values = self.split_heads(self.values(hidden_states))  # (B, H, T, D)
+        if self.fused:
+            attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)  # (B, H, T, D)
+            attended = self.merge_heads(attended)  # (B, T, H * D)
+        else:
+            attended = self.apply_attention(queries, keys, values)  # (B, T, H * D)
+        return self.output(attended)  # (B, T, H * D)
+
+
+class Block(nn.Module):
+    """GPT-1's post-norm transformer block."""
+
+    def __init__(self, head_size, mlp_hidden_size, num_heads, sequence_length):
+        super().__init__()
+        width = head_size * num_heads
+        self.attention = MultiHeadedAttention(head_size, num_heads, sequence_length)
+        self.norm1 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_hidden_size),
+            nn.GELU(),
+            nn.Linear(mlp_hidden_size, width),
+        )
+        self.norm2 = LayerNorm(width)
+
+    def forward(self, hidden_states):
+        """`(B, T, C)` -> `(B, T, C)`."""
+        attended = self.norm1(hidden_states + self.attention(hidden_states))  # (B, T, C)
+        return self.norm2(attended + self.mlp(attended))  # (B, T, C)
+
+
+class MiniGPT1(LanguageModel, nn.Module):
+    def __init__(self, vocabulary_size=40479, embedding_size=768, sequence_length=256, num_heads=12,
+                 num_layers=4, learn_embeddings=False, _tokens_embedding_weight=None,
+                 _positional_embedding_weight=None):
+        super().__init__()
+        if embedding_size % num_heads:
+            raise ValueError(f"embedding_size={embedding_size} is not a multiple of "
+                             f"num_heads={num_heads}; choose sizes with embedding_size % num_heads == 0")
+        self.vocabulary_size = vocabulary_size
+        self.embedding_size = embedding_size
+        self.sequence_length = sequence_length
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.learn_embeddings = learn_embeddings
+
+        self.embedding = GPT1Embedding(vocabulary_size, embedding_size, sequence_length,
+                                       _tokens_embedding_weight=_tokens_embedding_weight,
+                                       _positional_embedding_weight=_positional_embedding_weight)
+        self.layers = nn.ModuleList([
+            Block(embedding_size // num_heads, 4 * embedding_size, num_heads, sequence_length)
+            for _ in range(num_layers)
+        ])
+        self.classifier = nn.Linear(embedding_size, vocabulary_size, bias=False)
+        # Tie: one Parameter, so the output layer always reads the embedding as it is now.
+        self.classifier.weight = self.embedding.tokens.weight
+        for parameter in self.embedding.parameters():
+            parameter.requires_grad_(learn_embeddings)
+
+    def get_embeddings(self, inputs):
+        """`inputs` `(B, T)` -> `(B, T, embedding_size)`: token plus position `0..T-1` embeddings."""
+        positions = torch.arange(inputs.shape[1], device=inputs.device)  # (T,)
+        return self.embedding(inputs, positions.unsqueeze(0).expand_as(inputs))  # (B, T, C)
+
+    def forward(self, inputs):
+        """`inputs` LongTensor `(B, T)`, `T <= sequence_length` -> log-probabilities `(B, T, V)`."""
+        logits = self.classifier(self.features(inputs))  # (B, T, V)
+        return F.log_softmax(logits, dim=-1)
+
+    # The shared interface (utils/language_model.py).
+    def predict(self, inputs):
+        return self(inputs)
+
+    def features(self, inputs):
+        hidden_states = self.get_embeddings(inputs)  # (B, T, C)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)  # (B, T, C)
+        return hidden_states
+
+    @property
+    def output_weight(self):
+        return self.classifier.weight
+
+    def step(self, new_tokens, state=None):
+        # No cache: the state is the context itself, cut to the last sequence_length tokens.
+        context = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)  # (B, T)
+        context = context[:, -self.sequence_length:]
+        return self(context)[:, -1], context
+
+    @classmethod
+    def load_embeddings_from(cls, filename, num_heads=12, num_layers=4, learn_embeddings=False):
+        """A MiniGPT1 built on `tokens` `(V, C)` and `position` `(L, C)` of an npz; `sequence_length = L`."""
+        arrays = load_embedding_arrays(filename)
+        tokens, position = arrays["tokens"], arrays["position"]
+        return cls(tokens.shape[0], tokens.shape[1], position.shape[0], num_heads, num_layers,
+                   learn_embeddings, _tokens_embedding_weight=tokens,
+                   _positional_embedding_weight=position)

@@ -1,0 +1,95 @@
+"""The LSTM language model of the course (IFT6135 assignment 2), with weights tied to its input.
+
+Legend: B batch, T time, E embedding size, H hidden size, L layers, V vocabulary.
+
+    ids (B, T) -> embedding (B, T, E) -> nn.LSTM (B, T, H) -> Linear H->E, ReLU
+               -> Linear E->V (the embedding matrix itself) -> log_softmax (B, T, V)
+
+The embedding, and with it the tied output weight, is frozen unless `learn_embeddings=True`: with
+the pretrained GPT-1 embeddings only the LSTM and the first classifier layer learn.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.embeddings import load_embedding_arrays
+from utils.language_model import LanguageModel
+
+
+class LSTM(LanguageModel, nn.Module):
+    def __init__(self, vocabulary_size=40479, embedding_size=768, hidden_size=512, num_layers=1,
+                 learn_embeddings=False, _embedding_weight=None):
+        super().__init__()
+        self.vocabulary_size = vocabulary_size
+        self.embedding_size = embedding_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.learn_embeddings = learn_embeddings
+
+        self.embedding = nn.Embedding(vocabulary_size, embedding_size, padding_idx=0,
+                                      _weight=_embedding_weight)
+        self.lstm = nn.LSTM(embedding_size, hidden_size, num_layers=num_layers, batch_first=True)
+        self.classifier = nn.Sequential(
+            nn.Linear(hidden_size, embedding_size),
+            nn.ReLU(),
+            nn.Linear(embedding_size, vocabulary_size, bias=False),
+        )
+        # Tie: one Parameter, so the output layer always reads the embedding as it is now.
+        self.classifier[2].weight = self.embedding.weight
+        self.embedding.weight.requires_grad_(learn_embeddings)
+
+    def forward(self, inputs, hidden_states):
+        """Log-probabilities of the next token.
+
+        Parameters
+        ----------
+        inputs : LongTensor of shape `(B, T)`.
+        hidden_states : tuple `(h, c)`, each FloatTensor of shape `(num_layers, B, hidden_size)`.
+
+        Returns
+        -------
+        log_probas : FloatTensor of shape `(B, T, vocabulary_size)`.
+        hidden_states : tuple `(h, c)` after the last time step, shapes as given.
+        """
+        features, hidden_states = self._run(inputs, hidden_states)  # (B, T, E)
+        logits = self.classifier[2](features)  # (B, T, V)
+        return F.log_softmax(logits, dim=-1), hidden_states
+
+    def _run(self, inputs, hidden_states):
+        embedded = self.embedding(inputs)  # (B, T, E)
+        outputs, hidden_states = self.lstm(embedded, hidden_states)  # (B, T, H)
+        features = self.classifier[1](self.classifier[0](outputs))  # (B, T, E)
+        return features, hidden_states
+
+    def initial_states(self, batch_size, device=None):
+        """Zero `(h, c)`, each `(num_layers, batch_size, hidden_size)`, on the parameters' device."""
+        if device is None:
+            device = self.embedding.weight.device
+        shape = (self.num_layers, batch_size, self.hidden_size)
+        return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+
+    # The shared interface (utils/language_model.py): sequences start from zero states.
+    def predict(self, inputs):
+        return self(inputs, self.initial_states(inputs.shape[0]))[0]
+
+    def features(self, inputs):
+        return self._run(inputs, self.initial_states(inputs.shape[0]))[0]
+
+    @property
+    def output_weight(self):
+        return self.classifier[2].weight
+
+    def step(self, new_tokens, state=None):
+        # The recurrence carries the whole past, so only the new tokens are fed.
+        if state is None:
+            state = self.initial_states(new_tokens.shape[0])
+        log_probas, state = self(new_tokens, state)  # (B, T_new, V)
+        return log_probas[:, -1], state
+
+    @classmethod
+    def load_embeddings_from(cls, filename, hidden_size=512, num_layers=1, learn_embeddings=False):
+        """An LSTM whose embedding is the `tokens` array `(vocabulary_size, embedding_size)` of an npz."""
+        tokens = load_embedding_arrays(filename, keys=("tokens",))["tokens"]
+        vocabulary_size, embedding_size = tokens.shape
+        return cls(vocabulary_size, embedding_size, hidden_size, num_layers, learn_embeddings,
+                   _embedding_weight=tokens)

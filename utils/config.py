@@ -1,0 +1,150 @@
+"""The 12 experiments of the course as data: one frozen, self-validating config per run.
+
+`EXPERIMENTS` maps "1".."12" to the assignment's presets; `resolve_config` applies command-line
+overrides on top of a preset (or of `ExperimentConfig`'s defaults for a custom, non-numeric id).
+"""
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODELS = ("lstm", "gpt1")
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULERS = ("none", "cosine")
+DEFAULT_EMBEDDINGS = "auto"  # DATA_FOLDER/embeddings.npz, GPT-1's pretrained weights
+NO_EMBEDDINGS = "none"  # learn the embeddings from a random initialisation
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines a run's numbers. Names follow the course's flags."""
+
+    exp_id: str = "custom"
+    model: str = "lstm"
+    layers: int = 1
+    optimizer: str = "adam"
+    batch_size: int = 16
+    epochs: int = 10
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 42
+    data_folder: str = "data"
+    embeddings: str = DEFAULT_EMBEDDINGS
+    # Model sizes; with pretrained embeddings, embedding_size and vocabulary come from the file.
+    embedding_size: int = 768
+    hidden_size: int = 512
+    num_heads: int = 12
+    sequence_length: int = 256
+    # Options that change training only when asked for.
+    scheduler: str = "none"
+    clip_grad_norm: Optional[float] = None
+    limit_batches: Optional[int] = None
+    max_steps: Optional[int] = None
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    fused: bool = True  # fused attention and loss kernels; False is the course's plain path
+    compile: bool = False
+
+    def __post_init__(self):
+        def fail(name, expected):
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        for name, choices in (("model", MODELS), ("optimizer", OPTIMIZERS),
+                              ("precision", PRECISIONS), ("scheduler", SCHEDULERS)):
+            if getattr(self, name) not in choices:
+                fail(name, "one of " + ", ".join(choices))
+        for name in ("layers", "batch_size", "epochs", "embedding_size", "hidden_size",
+                     "num_heads", "sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "a whole number >= 1")
+        for name in ("limit_batches", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                fail(name, "a whole number >= 1 (or leave it out)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", "a finite number > 0")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            fail("momentum", "a number in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            fail("weight_decay", "a finite number >= 0")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            fail("clip_grad_norm", "a finite number > 0 (or leave it out)")
+        if self.model == "gpt1" and self.embedding_size % self.num_heads:
+            fail("num_heads", f"a divisor of embedding_size={self.embedding_size}")
+        if not str(self.exp_id) or any(c in str(self.exp_id) for c in "/\\ ,") or str(self.exp_id) in (".", ".."):
+            fail("exp_id", "a number 1..12 or a name without '/', '\\', ',' or spaces")
+
+    @property
+    def learn_embeddings(self):
+        return self.embeddings == NO_EMBEDDINGS
+
+    @property
+    def embeddings_path(self):
+        """The pretrained embeddings file, or None when the embeddings are learned."""
+        if self.learn_embeddings:
+            return None
+        if self.embeddings == DEFAULT_EMBEDDINGS:
+            return os.path.join(self.data_folder, "embeddings.npz")
+        return self.embeddings
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Rebuild a config from `to_dict()` output, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _preset(exp_id, model, layers, optimizer):
+    return ExperimentConfig(exp_id=str(exp_id), model=model, layers=layers, optimizer=optimizer)
+
+
+EXPERIMENTS = {
+    config.exp_id: config for config in (
+        _preset(1, "lstm", 1, "adam"),
+        _preset(2, "lstm", 1, "adamw"),
+        _preset(3, "lstm", 1, "sgd"),
+        _preset(4, "lstm", 1, "momentum"),
+        _preset(5, "gpt1", 1, "adam"),
+        _preset(6, "gpt1", 1, "adamw"),
+        _preset(7, "gpt1", 1, "sgd"),
+        _preset(8, "gpt1", 1, "momentum"),
+        _preset(9, "lstm", 2, "adamw"),
+        _preset(10, "lstm", 4, "adamw"),
+        _preset(11, "gpt1", 2, "adamw"),
+        _preset(12, "gpt1", 4, "adamw"),
+    )
+}
+
+
+def expand_exp_ids(text):
+    """"all" -> "1".."12"; "1,2,5" -> ["1", "2", "5"]; a single id -> [id]. Numbers must be presets."""
+    text = str(text).strip()
+    ids = list(EXPERIMENTS) if text == "all" else [part.strip() for part in text.split(",")]
+    for exp_id in ids:
+        if exp_id.isdigit() and exp_id.lstrip("0") not in EXPERIMENTS or not exp_id:
+            raise ValueError(f"--exp_id {exp_id!r} is not an experiment: valid ids are 1..12, "
+                             "'all', a list like 1,2,5, or a non-numeric name for a custom run")
+    return [exp_id.lstrip("0") if exp_id.isdigit() else exp_id for exp_id in ids]
+
+
+def resolve_config(exp_id, **overrides):
+    """The config of `exp_id` (a preset number or a custom name) with `overrides` applied.
+
+    Overrides whose value is None are ignored, so unset command-line flags keep the preset.
+    """
+    (exp_id,) = expand_exp_ids(exp_id)
+    base = EXPERIMENTS.get(exp_id, ExperimentConfig(exp_id=exp_id))
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")
+    return base.replace(**{key: value for key, value in overrides.items() if value is not None})

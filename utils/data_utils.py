@@ -1,0 +1,149 @@
+"""The one JSON log format of a run: its writer and the reader every consumer uses.
+
+A run writes `LOG_DIR/EXP_ID/log.json`, rewritten atomically after every epoch:
+
+    {
+      "format": "wikitext2-lm-log/1",
+      "exp_id": "6", "status": "running" | "finished" | "failed" | "stopped",
+      "message": null or why the run stopped,
+      "config": {...ExperimentConfig...},
+      "environment": {"python", "torch", "numpy", "device", "device_name", "cuda", "world_size", ...},
+      "parameters": {"total": int, "learnable": int},
+      "epochs": [  # one entry per finished epoch, epoch numbers from 1
+        {"epoch", "steps", "train_loss", "train_ppl", "valid_loss", "valid_ppl",
+         "train_seconds", "valid_seconds", "cumulative_seconds",
+         "train_tokens", "train_tokens_per_second", "valid_tokens_per_second", "lr",
+         "gpu_memory_mb": {"steady", "peak_allocated", "peak_reserved"} or null,
+         "cpu_rss_mb"}
+      ],
+      "best": {"epoch", "valid_loss", "valid_ppl"} or null,
+      "test": {"epoch", "loss", "ppl"} or null,
+      # the course's flat lists, for plotting code written against its logs:
+      "train_losses", "valid_losses", "train_ppls", "valid_ppls", "train_times", "valid_times",
+      "test_loss", "test_ppl"
+    }
+
+Losses are per-token mean NLL in nats; a perplexity is exp(summed NLL / number of real tokens).
+"""
+import json
+import math
+import os
+import tempfile
+
+LOG_FORMAT = "wikitext2-lm-log/1"
+LOG_NAME = "log.json"
+EPOCH_FIELDS = ("epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "train_seconds",
+                "valid_seconds", "cumulative_seconds")
+
+
+class LogError(ValueError):
+    """A log file that cannot be read or does not follow the format; the message names the file."""
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file and a rename: a crash leaves old or new."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _finite_or_none(value):
+    # JSON has no NaN/Infinity; a diverged run's figure is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clean(value):
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return _finite_or_none(value)
+
+
+def course_lists(log):
+    """The course's flat per-epoch lists, derived from `log["epochs"]`."""
+    epochs = log.get("epochs") or []
+    test = log.get("test") or {}
+    return {
+        "train_losses": [e.get("train_loss") for e in epochs],
+        "valid_losses": [e.get("valid_loss") for e in epochs],
+        "train_ppls": [e.get("train_ppl") for e in epochs],
+        "valid_ppls": [e.get("valid_ppl") for e in epochs],
+        "train_times": [e.get("train_seconds") for e in epochs],
+        "valid_times": [e.get("valid_seconds") for e in epochs],
+        "test_loss": test.get("loss"),
+        "test_ppl": test.get("ppl"),
+    }
+
+
+def write_log(path, log):
+    """Atomically write a run's log (a dict as described above) to `path` as JSON."""
+    log = dict(log, format=LOG_FORMAT)
+    log.update(course_lists(log))
+    text = json.dumps(_clean(log), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def read_log(path):
+    """Read and check one log; raises LogError naming the file and the problem.
+
+    Returns the dict with `epochs` sorted by epoch number. Fields beyond the required ones may be
+    missing (older or partial runs); consumers use `.get`.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            log = json.load(file)
+    except FileNotFoundError:
+        raise LogError(f"{path}: no such log file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LogError(f"{path}: not a readable JSON log ({error})") from None
+    if not isinstance(log, dict) or not isinstance(log.get("config"), dict):
+        raise LogError(f"{path}: not a run log (no 'config' object)")
+    epochs = log.get("epochs")
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
+        raise LogError(f"{path}: 'epochs' must be a list of objects")
+    for entry in epochs:
+        if not isinstance(entry.get("epoch"), int):
+            raise LogError(f"{path}: an epoch entry has no integer 'epoch' field")
+    log["epochs"] = sorted(epochs, key=lambda e: e["epoch"])
+    log.setdefault("exp_id", str(log["config"].get("exp_id", os.path.basename(os.path.dirname(path)))))
+    log["exp_id"] = str(log["exp_id"])
+    log.setdefault("status", "unknown")
+    return log
+
+
+def find_log_files(log_dirs):
+    """All `log.json` files under the given folders (a folder may itself be one run's folder)."""
+    found = []
+    for log_dir in log_dirs:
+        for folder, _, files in sorted(os.walk(log_dir)):
+            if LOG_NAME in files:
+                found.append(os.path.join(folder, LOG_NAME))
+    return sorted(found)
+
+
+def read_logs(log_dirs):
+    """Read every log under `log_dirs`; returns `(logs, problems)` with one line per bad file."""
+    logs, problems = [], []
+    for path in find_log_files(log_dirs):
+        try:
+            log = read_log(path)
+        except LogError as error:
+            problems.append(str(error))
+            continue
+        log["path"] = path
+        logs.append(log)
+    return logs, problems

@@ -1,0 +1,143 @@
+"""How a batch becomes a loss: the course's plain path and the fast path, behind one module.
+
+Legend: B batch, T time, C channels, V vocabulary, N = B * T.
+
+`BatchLoss` wraps a model (either kind, through the interface of utils/language_model.py) and is
+what the training loop calls and what DistributedDataParallel / torch.compile wrap:
+
+- plain ("reference") path: `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
+  with attention through `get_attention_weights` / `apply_attention`, all in fp32;
+- fast path (`fused=True`): scaled-dot-product attention, and the NLL computed from the features
+  `(B, T, C)` and the tied output weight `(V, C)` by `fused_token_nll`, which never builds the
+  dense log-probabilities; with `autocast_dtype=torch.bfloat16` (CUDA) the matmuls run in bf16
+  while the log-sum-exp and the loss stay in fp32.
+
+Both give the course's loss (per-sequence mean NLL, then mean over sequences) and the summed NLL
+and token count that exact perplexity needs.
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+from utils.language_model import token_nll
+
+
+class ChunkedNLL(torch.autograd.Function):
+    """NLL of each row's target under `log_softmax(features @ weight.T)`, a few rows at a time.
+
+    `features` `(N, C)`, `weight` `(V, C)`, `targets` `(N,)` -> `(N,)` fp32. Only a `(rows, V)`
+    block of logits exists at any moment. Since row i's NLL depends on row i of `features` alone,
+    the forward pass also stores its gradient `J[i] = (softmax_i - onehot(target_i)) @ weight`
+    `(N, C)`; the backward pass is then `grad_nll[:, None] * J`, with no second matmul. Only when
+    `weight` itself learns does the backward pass recompute the logits, block by block.
+    Matmuls run in `compute_dtype` (bf16 on the fast CUDA path); softmax and NLL stay fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, targets, rows, compute_dtype):
+        inputs, matrix = features.to(compute_dtype), weight.to(compute_dtype)
+        count = features.shape[0]
+        nll = torch.empty(count, dtype=torch.float32, device=features.device)  # (N,)
+        need_jacobian = ctx.needs_input_grad[0]
+        jacobian = torch.empty(features.shape, dtype=torch.float32, device=features.device) if need_jacobian else None
+        log_normalisers = torch.empty(count, dtype=torch.float32, device=features.device)
+        for start in range(0, count, rows):
+            block = slice(start, start + rows)
+            logits = (inputs[block] @ matrix.t()).float()  # (rows, V)
+            log_normalisers[block] = torch.logsumexp(logits, dim=1)  # (rows,)
+            target = targets[block].unsqueeze(1)  # (rows, 1)
+            nll[block] = log_normalisers[block] - logits.gather(1, target).squeeze(1)
+            if need_jacobian:
+                probas = logits.sub_(log_normalisers[block].unsqueeze(1)).exp_()  # (rows, V) softmax
+                probas.scatter_add_(1, target, torch.full_like(target, -1, dtype=probas.dtype))
+                jacobian[block] = (probas.to(compute_dtype) @ matrix).float()  # (rows, C)
+        ctx.rows, ctx.compute_dtype = rows, compute_dtype
+        ctx.save_for_backward(features, weight, targets, log_normalisers, jacobian)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        features, weight, targets, log_normalisers, jacobian = ctx.saved_tensors
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_features = (grad_nll.unsqueeze(1) * jacobian).to(features.dtype)  # (N, C)
+        if ctx.needs_input_grad[1]:
+            inputs, matrix = features.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
+            for start in range(0, features.shape[0], ctx.rows):
+                block = slice(start, start + ctx.rows)
+                logits = (inputs[block] @ matrix.t()).float()  # (rows, V)
+                probas = logits.sub_(log_normalisers[block].unsqueeze(1)).exp_()
+                target = targets[block].unsqueeze(1)
+                probas.scatter_add_(1, target, torch.full_like(target, -1, dtype=probas.dtype))
+                probas.mul_(grad_nll[block].unsqueeze(1))  # (rows, V) gradient of the logits
+                grad_weight += (probas.to(ctx.compute_dtype).t() @ inputs[block]).float()  # (V, C)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_features, grad_weight, None, None, None
+
+
+def fused_token_nll(features, weight, targets, block_bytes=None):
+    """NLL of each target from the last layer's input: `(B, T, C)`, `(V, C)`, `(B, T)` -> `(B, T)` fp32.
+
+    Equal to `token_nll(log_softmax(features @ weight.T), targets)` without the dense `(B, T, V)`
+    tensors (see `ChunkedNLL`). Under autocast the matmuls take autocast's dtype. Blocks of logits
+    are about `block_bytes` (256 MiB on a GPU, 64 MiB on a CPU, where moderate blocks stay in the
+    allocator's cache instead of being mapped and zeroed by the kernel at every step).
+    """
+    batch_size, length, width = features.shape
+    device_type = features.device.type
+    if block_bytes is None:
+        block_bytes = 2 ** 28 if device_type == "cuda" else 2 ** 26
+    rows = max(1, block_bytes // (4 * weight.shape[0]))
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else features.dtype)
+    nll = ChunkedNLL.apply(features.reshape(batch_size * length, width), weight,
+                           targets.reshape(-1), rows, compute_dtype)  # (N,)
+    return nll.view(batch_size, length)  # (B, T)
+
+
+def set_fused_attention(model, enabled):
+    """Switch every attention module of `model` between the fused kernel and the explicit path."""
+    for module in model.modules():
+        if hasattr(module, "fused") and hasattr(module, "get_attention_weights"):
+            module.fused = enabled
+
+
+class BatchLoss(nn.Module):
+    """`forward(source, target, mask, scale)` -> `(loss, nll_sum, token_count)`.
+
+    `loss` is `scale` times the sum over the batch's non-empty sequences of their mean NLL; the
+    loop passes `scale = world_size / sequences in the global batch` so that the gradients averaged
+    by DistributedDataParallel equal the course's loss over the whole global batch (for one process,
+    `scale = 1 / sequences`: the plain mean). `nll_sum` and `token_count` are fp32 sums over real
+    tokens, detached.
+    """
+
+    def __init__(self, model, fused=True, autocast_dtype=None):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+        self.autocast_dtype = autocast_dtype
+        set_fused_attention(model, fused)
+
+    def token_nll(self, source, target):
+        """Per-token NLL `(B, T)` in fp32 by the chosen path."""
+        device_type = source.device.type
+        autocast = (torch.autocast(device_type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            if self.fused:
+                features = self.model.features(source)  # (B, T, C)
+                return fused_token_nll(features, self.model.output_weight, target)
+            log_probas = self.model.predict(source)  # (B, T, V)
+        return token_nll(log_probas.float(), target)  # (B, T)
+
+    def forward(self, source, target, mask, scale):
+        nll = self.token_nll(source, target)  # (B, T)
+        mask = mask.to(nll.dtype)
+        real = torch.where(mask > 0, nll, torch.zeros_like(nll))  # inf * 0 would be NaN
+        lengths = mask.sum(dim=1)  # (B,)
+        per_sequence = real.sum(dim=1) / lengths.clamp(min=1)  # (B,); empty sequences give 0
+        loss = per_sequence.sum() * scale
+        return loss, real.detach().sum(), lengths.sum()

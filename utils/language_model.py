@@ -1,0 +1,76 @@
+"""The interface both language models share, so the training loop never asks which model it has.
+
+Legend: B batch, T time, C channels (the width fed to the output layer), V vocabulary.
+
+Every model in this package
+- returns log-probabilities `(B, T, V)` from its course-defined `forward`;
+- offers `predict(inputs)`: the same log-probabilities from the token ids alone (the LSTM starts
+  from zero states), which is what training and evaluation use;
+- offers `features(inputs)` `(B, T, C)` and `output_weight` `(V, C)` with
+  `predict(x) == log_softmax(features(x) @ output_weight.T)`, so a fused loss can skip the dense
+  `(B, T, V)` log-probabilities;
+- offers `step(new_tokens, state)` for generation: log-probabilities of the next token given the
+  tokens fed so far, carrying whatever state the model needs;
+- shares `loss(log_probas, targets, mask)` defined here once.
+"""
+import torch
+
+
+def token_nll(log_probas, targets):
+    """Negative log-likelihood of each target: `(B, T, V)`, `(B, T)` -> `(B, T)`."""
+    return -log_probas.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B, T)
+
+
+def sequence_mean_loss(nll, mask):
+    """The course's loss from per-token NLL `(B, T)` and a 0/1 `mask` `(B, T)`.
+
+    Mean NLL over each sequence's unpadded positions, then the mean over the sequences. A
+    sequence with no unpadded position is left out of the second mean (it has no loss to give),
+    and a batch of such sequences gives 0 rather than NaN.
+    """
+    mask = mask.to(nll.dtype)
+    # where(), not a product: a padded position may hold an infinite NLL and inf * 0 is NaN.
+    summed = torch.where(mask > 0, nll, torch.zeros_like(nll)).sum(dim=1)  # (B,)
+    lengths = mask.sum(dim=1)  # (B,)
+    present = lengths > 0
+    per_sequence = summed / lengths.clamp(min=1)  # (B,)
+    return torch.where(present, per_sequence, torch.zeros_like(per_sequence)).sum() / present.sum().clamp(min=1)
+
+
+class LanguageModel:
+    """Mixin giving both models the shared loss; subclasses define the abstract methods below."""
+
+    def loss(self, log_probas, targets, mask):
+        """Loss of a batch.
+
+        Parameters
+        ----------
+        log_probas : FloatTensor of shape `(B, T, V)`, the output of `forward`.
+        targets : LongTensor of shape `(B, T)`, the id of the next token at each position.
+        mask : FloatTensor of shape `(B, T)`, 1 for a real token and 0 for padding.
+
+        Returns
+        -------
+        A scalar: the mean over sequences of each sequence's mean NLL over its unpadded positions.
+        """
+        return sequence_mean_loss(token_nll(log_probas, targets), mask)
+
+    def predict(self, inputs):
+        """Log-probabilities `(B, T, V)` of the next token at every position of `inputs` `(B, T)`."""
+        raise NotImplementedError
+
+    def features(self, inputs):
+        """The `(B, T, C)` activations that the final `(V, C)` projection turns into logits."""
+        raise NotImplementedError
+
+    @property
+    def output_weight(self):
+        """The `(V, C)` weight of the last (bias-free) linear layer."""
+        raise NotImplementedError
+
+    def step(self, new_tokens, state=None):
+        """Next-token log-probabilities `(B, V)` after feeding `new_tokens` `(B, T_new)`.
+
+        `state` is what a previous call returned (None to start); returns `(log_probas, state)`.
+        """
+        raise NotImplementedError

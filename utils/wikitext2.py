@@ -1,0 +1,141 @@
+"""The Wikitext-2 dataset of the course, read from `wiki.{split}.npz` (GPT-1 BPE ids + 1).
+
+Each `.npz` holds `tokens` (uint16, one flat array, 0 reserved for padding) and `sizes` (int64, the
+number of tokens of each document, i.e. each non-empty line of WikiText-2). How the flat stream
+becomes examples of `max_length` inputs, with break_mode="none" and max_length=4:
+
+    tokens   a b c d e f g h i j k
+    chunks   [a b c d e] [e f g h i] [i j k]        (max_length + 1 tokens, overlapping by one)
+    source   a b c d      e f g h     i j 0 0       (chunk[:-1], zero-padded on the right)
+    target   b c d e      f g h i     j k 0 0       (chunk[1:])
+    mask     1 1 1 1      1 1 1 1     1 1 0 0
+
+"lines" chunks every document on its own; "complete" packs whole documents into chunks while
+they fit in max_length + 1 tokens and chunks a document that is longer on its own. A chunk of
+at most `min_length` tokens is dropped (it has too few targets to learn from).
+"""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "validation", "test")
+BREAK_MODES = ("none", "lines", "complete")
+GPT1_VOCABULARY_SIZE = 40479  # 40,478 BPE tokens + the padding id 0
+
+
+def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
+    """Load and check `root/wiki.{split}.npz`; returns `(tokens int64, sizes int64)` arrays."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+    path = os.path.join(os.fspath(root), f"wiki.{split}.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path} (make it with "
+                                f"`python -m utils.prepare_data --data_folder {root}`)")
+    try:
+        with np.load(path) as archive:
+            arrays = {key: archive[key] for key in archive.files if key in ("tokens", "sizes")}
+    except Exception as error:  # zipfile.BadZipFile, EOFError, a pickled object...
+        raise ValueError(f"data file {path} is not a readable .npz: {error}") from error
+    if len(arrays) != 2:
+        raise ValueError(f"data file {path} must hold arrays 'tokens' and 'sizes'; "
+                         f"it holds {sorted(arrays)}")
+    tokens = arrays["tokens"].astype(np.int64).ravel()
+    sizes = arrays["sizes"].astype(np.int64).ravel()
+    if sizes.sum() != tokens.size or (sizes < 0).any():
+        raise ValueError(f"data file {path}: 'sizes' add up to {int(sizes.sum())} but 'tokens' "
+                         f"holds {tokens.size} ids; the file is damaged, prepare the data again")
+    if tokens.size and (tokens.min() < 1 or tokens.max() >= vocabulary_size):
+        raise ValueError(f"data file {path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                         f"but must lie in 1..{vocabulary_size - 1} (vocabulary_size={vocabulary_size})")
+    return tokens, sizes
+
+
+def chunk_bounds(start, end, max_length):
+    """`(begin, end)` pairs cutting `[start, end)` into pieces of `max_length + 1` overlapping by one."""
+    begins = np.arange(start, max(end - 1, start + 1), max_length)
+    return [(int(b), int(min(b + max_length + 1, end))) for b in begins]
+
+
+class Wikitext2(Dataset):
+    """`torch.utils.data.Dataset` of `{"source", "target", "mask"}` examples of one split.
+
+    Parameters
+    ----------
+    root : folder holding `wiki.{train,validation,test}.npz`.
+    split : "train", "validation" or "test".
+    break_mode : "none", "lines" or "complete" (see the module docstring).
+    max_length : number of input positions of an example.
+    min_length : chunks of at most this many tokens are dropped.
+    vocabulary_size : ids must lie below it (GPT-1's 40,479 by default).
+
+    Each item: `source` LongTensor `(max_length,)`, `target` LongTensor `(max_length,)` (source
+    shifted left by one), `mask` FloatTensor `(max_length,)` (1 for real targets, 0 for padding).
+    """
+
+    def __init__(self, root, split="train", break_mode="none", max_length=256, min_length=1,
+                 vocabulary_size=GPT1_VOCABULARY_SIZE):
+        if break_mode not in BREAK_MODES:
+            raise ValueError(f"unknown break_mode {break_mode!r}; valid break modes are "
+                             f"{', '.join(BREAK_MODES)}")
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length} must be at least 1")
+        self.root = root
+        self.split = split
+        self.break_mode = break_mode
+        self.max_length = max_length
+        self.min_length = min_length
+        self.tokens, self.sizes = read_split(root, split, vocabulary_size)
+        bounds = self._bounds()
+        self.bounds = [(b, e) for b, e in bounds if e - b > min_length]
+
+    def _bounds(self):
+        if self.break_mode == "none":
+            return chunk_bounds(0, self.tokens.size, self.max_length)
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        documents = [(int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes))
+                     if self.sizes[i] > 0]
+        if self.break_mode == "lines":
+            return [c for b, e in documents for c in chunk_bounds(b, e, self.max_length)]
+        # "complete": documents are contiguous, so a pack is one slice of the stream.
+        packs, pack_begin, pack_end = [], None, None
+        for begin, end in documents:
+            if end - begin > self.max_length + 1:
+                if pack_begin is not None:
+                    packs.append((pack_begin, pack_end))
+                    pack_begin = None
+                packs.extend(chunk_bounds(begin, end, self.max_length))
+            elif pack_begin is not None and end - pack_begin <= self.max_length + 1:
+                pack_end = end
+            else:
+                if pack_begin is not None:
+                    packs.append((pack_begin, pack_end))
+                pack_begin, pack_end = begin, end
+        if pack_begin is not None:
+            packs.append((pack_begin, pack_end))
+        return packs
+
+    def __len__(self):
+        return len(self.bounds)
+
+    def __getitem__(self, index):
+        begin, end = self.bounds[index]
+        chunk = torch.from_numpy(self.tokens[begin:end])  # (n,), n <= max_length + 1
+        length = chunk.numel() - 1
+        source = torch.zeros(self.max_length, dtype=torch.long)
+        target = torch.zeros(self.max_length, dtype=torch.long)
+        mask = torch.zeros(self.max_length, dtype=torch.float)
+        source[:length] = chunk[:-1]
+        target[:length] = chunk[1:]
+        mask[:length] = 1.0
+        return {"source": source, "target": target, "mask": mask}
+
+    def tensors(self):
+        """The whole split as one batch: `{"source", "target", "mask"}` each `(N, max_length)`.
+
+        The training loop indexes these directly (the data is small: 9,205 x 256 ids for train),
+        which is faster than collating items and can live on the GPU.
+        """
+        items = [self[i] for i in range(len(self))]
+        return {key: torch.stack([item[key] for item in items]) for key in ("source", "target", "mask")}
