@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import (CheckpointError, build_model, read_checkpoint, restore_rng_state,
                               save_checkpoint, unwrap)
-from utils.config import (MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, ExperimentConfig,
-                          expand_exp_ids, resolve_config)
+from utils.config import (DEFAULT_EMBEDDINGS, MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS,
+                          ExperimentConfig, expand_exp_ids, resolve_config)
 from utils.data_utils import LOG_NAME, LogError, read_log, write_log
 from utils.embeddings import load_embedding_arrays
 from utils.fast_path import BatchLoss
+from utils.prepare_data import DataUnavailableError, ensure_data
 from utils.torch_utils import seed_experiment, to_device
 from utils.wikitext2 import Wikitext2
 
@@ -91,12 +92,17 @@ class Processes:
         return stacked.tolist()
 
 
-def load_splits(config, vocabulary_size, progress):
-    """The three splits as `{"source", "target", "mask"}` tensors `(N, sequence_length)`."""
-    from utils.prepare_data import ensure_data
+def fetch_missing_data(config, progress):
+    """Prepare the splits, and GPT-1's embeddings where the default file is asked for, if missing.
 
-    ensure_data(config.data_folder, need_embeddings=not config.learn_embeddings,
+    An embeddings file named on the command line is never fetched: a wrong path is an error.
+    """
+    ensure_data(config.data_folder, need_embeddings=config.embeddings == DEFAULT_EMBEDDINGS,
                 embeddings_path=config.embeddings_path, progress=progress)
+
+
+def load_splits(config, vocabulary_size):
+    """The three splits as `{"source", "target", "mask"}` tensors `(N, sequence_length)`."""
     return {split: Wikitext2(config.data_folder, split, max_length=config.sequence_length,
                              vocabulary_size=vocabulary_size).tensors()
             for split in ("train", "validation", "test")}
@@ -111,10 +117,6 @@ def make_model(config):
     arrays = load_embedding_arrays(config.embeddings_path,
                                    keys=("tokens",) if config.model == "lstm" else ("tokens", "position"))
     tokens = arrays["tokens"]
-    if tokens.shape[1] != config.embedding_size:
-        raise UsageError(f"embeddings file {config.embeddings_path} has width {tokens.shape[1]} but "
-                         f"--embedding_size={config.embedding_size}: drop --embedding_size, or learn "
-                         "the embeddings with --embeddings none")
     position = arrays.get("position")
     if position is not None and position.shape[0] < config.sequence_length:
         raise UsageError(f"embeddings file {config.embeddings_path} has {position.shape[0]} positions, "
@@ -371,8 +373,9 @@ def checkpoint_to_resume(config, options, run_dir):
                          "use --overwrite to start again")
     payload = read_checkpoint(os.path.join(run_dir, "last.pt"))
     stored = payload["config"]
-    changed = sorted(key for key, value in config.to_dict().items()
-                     if key in stored and stored[key] != value and key not in RESUMABLE_CHANGES)
+    derived = set() if config.learn_embeddings else {"embedding_size"}  # read from the file
+    changed = sorted(key for key, value in config.to_dict().items() if key in stored
+                     and stored[key] != value and key not in RESUMABLE_CHANGES | derived)
     if changed:
         details = ", ".join(f"{key}: {stored[key]!r} -> {getattr(config, key)!r}" for key in changed)
         raise UsageError(f"--resume with a different configuration ({details}): "
@@ -414,10 +417,13 @@ def run_experiment(config, options=None):
                                                  max_steps=config.max_steps))
     seed_experiment(config.seed)
     try:
+        fetch_missing_data(config, options.progress_bar and processes.main)
         model = make_model(config)
-        data = load_splits(config, model.vocabulary_size, options.progress_bar and processes.main)
+        data = load_splits(config, model.vocabulary_size)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+    # Pretrained embeddings fix the width; the log and checkpoints record the model as built.
+    config = config.replace(embedding_size=model.embedding_size)
     data = {split: to_device(tensors, device) for split, tensors in data.items()}
     model.to(device)
     parameters = count_parameters(model)
@@ -597,6 +603,9 @@ OVERRIDES = ("data_folder", "batch_size", "model", "embeddings", "layers", "epoc
 
 def configs_from_args(args):
     overrides = {name: getattr(args, name) for name in OVERRIDES}
+    if args.embedding_size is not None and args.embeddings != "none":
+        raise UsageError(f"--embedding_size={args.embedding_size} applies only with --embeddings none: "
+                         "pretrained embeddings fix the width; add --embeddings none or drop the flag")
     return [resolve_config(exp_id, **overrides) for exp_id in expand_exp_ids(args.exp_id)]
 
 
@@ -620,7 +629,8 @@ def main(argv=None):
                 options.resume = options.resume or has_checkpoint
             run_experiment(config, options)
         return 0
-    except (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError) as error:
+    except (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError,
+            DataUnavailableError) as error:
         print(f"run_exp.py: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:

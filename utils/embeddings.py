@@ -23,7 +23,8 @@ def load_embedding_arrays(filename, keys=("tokens", "position")):
             f"embeddings file not found: {filename} (make it with `python -m utils.prepare_data`, "
             "or train without it with `--embeddings none`)")
     try:
-        with np.load(filename) as archive:
+        # An open file of our own: np.load leaks its handle when the zip cannot be read.
+        with open(filename, "rb") as file, np.load(file) as archive:
             arrays = {key: np.asarray(archive[key], dtype=np.float32) for key in keys if key in archive.files}
             held = sorted(archive.files)
     except Exception as error:  # zipfile.BadZipFile, OSError, pickle refusal...

@@ -34,7 +34,8 @@ def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
         raise FileNotFoundError(f"data file not found: {path} (make it with "
                                 f"`python -m utils.prepare_data --data_folder {root}`)")
     try:
-        with np.load(path) as archive:
+        # An open file of our own: np.load leaks its handle when the zip cannot be read.
+        with open(path, "rb") as file, np.load(file) as archive:
             arrays = {key: archive[key] for key in archive.files if key in ("tokens", "sizes")}
     except Exception as error:  # zipfile.BadZipFile, EOFError, a pickled object...
         raise ValueError(f"data file {path} is not a readable .npz: {error}") from error
