@@ -11,11 +11,11 @@ checkpoints last.pt and best.pt (utils/checkpoint.py). Perplexities are exact:
 exp(summed NLL over every real target token of a split / number of those tokens).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -269,7 +269,7 @@ def train(step, optimizer, data, batches, processes, scheduler=None, clip_grad_n
         tokens += batch_tokens
         if index % 20 == 0 and device.type == "cuda":
             memory.append(gpu_memory_mb(device))
-        if print_every and (index + 1) % print_every == 0 or index == len(batches) - 1:
+        if (index + 1) % (print_every or 50) == 0 or index == len(batches) - 1:
             # Syncs with the device, so only every print_every steps.
             running_nll, running_tokens = processes.sum(nll_sum, tokens)
             if not math.isfinite(running_nll):
@@ -277,7 +277,7 @@ def train(step, optimizer, data, batches, processes, scheduler=None, clip_grad_n
                                       "lower --lr (or add --clip_grad_norm 1.0)")
             rate = running_tokens / (time.perf_counter() - started)
             running_loss = running_nll / max(running_tokens, 1)
-            if bar.disable and processes.main and print_every and not progress:
+            if bar.disable and processes.main and print_every:
                 print(f"  {description} step {index + 1}/{len(batches)}  loss {running_loss:.4f}  "
                       f"{rate:,.0f} tokens/s", flush=True)
             bar.set_postfix(loss=f"{running_loss:.3f}", tok_s=f"{rate:,.0f}")
@@ -360,9 +360,8 @@ def checkpoint_to_resume(config, options, run_dir):
         return None
     if options.overwrite:
         for name in RUN_FILES:
-            path = os.path.join(run_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
+            with contextlib.suppress(FileNotFoundError):  # another process may have removed it
+                os.remove(os.path.join(run_dir, name))
         return None
     if not options.resume:
         done = f"{len(log['epochs'])} epoch(s) logged, status {log['status']}" if log else "a checkpoint"

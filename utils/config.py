@@ -6,7 +6,7 @@ overrides on top of a preset (or of `ExperimentConfig`'s defaults for a custom, 
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 MODELS = ("lstm", "gpt1")
