@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -59,8 +58,8 @@ class Processes:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             if device == "cpu" and self.rank == 0:
-                warnings.warn("no CUDA device found: training on the CPU, which is slow "
-                              "(use --device cpu to silence this warning)", stacklevel=2)
+                print("warning: no CUDA device found: training on the CPU, which is slow "
+                      "(--device cpu silences this warning)", file=sys.stderr)
         if device == "cuda" and self.world_size > 1:
             device = f"cuda:{self.local_rank}"
         try:

@@ -141,7 +141,11 @@ def resolve_config(exp_id, **overrides):
 
     Overrides whose value is None are ignored, so unset command-line flags keep the preset.
     """
-    (exp_id,) = expand_exp_ids(exp_id)
+    ids = expand_exp_ids(exp_id)
+    if len(ids) != 1:
+        raise ValueError(f"resolve_config takes one experiment id, not {exp_id!r}: "
+                         "call it once per id of expand_exp_ids()")
+    (exp_id,) = ids
     base = EXPERIMENTS.get(exp_id, ExperimentConfig(exp_id=exp_id))
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     unknown = sorted(set(overrides) - known)
