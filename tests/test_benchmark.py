@@ -1,0 +1,292 @@
+"""`python -m utils.benchmark`: FLOP counts, a tiny run's JSON, the GPU check's dry run on the CPU.
+
+No timing is asserted: the runs here are far too small and the machine is shared. The FLOP
+formula is checked against PyTorch's own count of the matmuls a step executes
+(`torch.utils.flop_counter`), and pinned at the real sizes.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import unittest
+from unittest import mock
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils import benchmark
+from utils.checkpoint import build_model
+from utils.config import resolve_config
+from utils.fast_path import BatchLoss
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+TINY_SIZES = {"embedding_size": 32, "num_heads": 4, "sequence_length": 16, "hidden_size": 24}
+
+
+def run_main(*argv):
+    """`benchmark.main(argv)` in this process: `(exit code, stdout, stderr)`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = benchmark.main([str(a) for a in argv])
+        except SystemExit as exit:  # argparse's own exit on a bad flag
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def counted_flops(exp_id, embeddings, vocabulary_size=97, batch_size=3):
+    """Matmul FLOPs per token that PyTorch counts in one reference-path step: (forward, backward)."""
+    config = resolve_config(exp_id, embeddings=embeddings, **TINY_SIZES)
+    torch.manual_seed(0)
+    step = BatchLoss(build_model(config, vocabulary_size), fused=False)
+    length = config.sequence_length
+    inputs = torch.randint(1, vocabulary_size, (batch_size, length))
+    # The native LSTM is written with matmuls the counter sees; oneDNN's fused kernel is not.
+    with warnings_off(), torch.backends.mkldnn.flags(enabled=False):
+        with FlopCounterMode(display=False) as forward:
+            loss, _, _ = step(inputs, inputs, torch.ones(batch_size, length), 1.0)
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
+    tokens = batch_size * length
+    return config, forward.get_total_flops() / tokens, backward.get_total_flops() / tokens
+
+
+@contextlib.contextmanager
+def warnings_off():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class FlopFormulaTest(unittest.TestCase):
+    def test_gpt_against_counted_matmuls(self):
+        for exp_id, embeddings in (("6", None), ("11", "none")):  # frozen, then learned embeddings
+            with self.subTest(exp_id=exp_id, embeddings=embeddings):
+                config, forward, backward = counted_flops(exp_id, embeddings)
+                flops = benchmark.model_flops_per_token(config, vocabulary_size=97)
+                # The reference path multiplies the whole T x T score matrix; the formula counts
+                # the causal half, (T + 1) / 2 keys per query: 2 C (T - 1) less per token and layer.
+                width, length = config.embedding_size, config.sequence_length
+                masked_half = config.layers * 2 * width * (length - 1)
+                self.assertEqual(flops["forward"] + masked_half, forward)
+                self.assertEqual(flops["backward"] + 2 * masked_half, backward)
+                self.assertEqual(flops["train"], flops["forward"] + flops["backward"])
+
+    def test_lstm_against_counted_matmuls(self):
+        for exp_id, embeddings in (("2", None), ("9", None), ("10", "none")):
+            with self.subTest(exp_id=exp_id, embeddings=embeddings):
+                config, forward, backward = counted_flops(exp_id, embeddings)
+                flops = benchmark.model_flops_per_token(config, vocabulary_size=97)
+                self.assertEqual(flops["forward"], forward)
+                # PyTorch skips the state gradient before the first step (the zero initial state
+                # needs none): 1 / T of the recurrent input gradients, which the formula keeps.
+                hidden, length = config.hidden_size, config.sequence_length
+                self.assertEqual(flops["backward"] - config.layers * 8 * hidden * hidden / length, backward)
+
+    def test_real_sizes_pinned(self):
+        gpt1 = benchmark.model_flops_per_token(resolve_config("6"))
+        # 24 C^2 + 2 C (T + 1) + 2 C V with C 768, T 256, V 40,479.
+        self.assertEqual(gpt1["forward"], 14_155_776 + 394_752 + 62_175_744)
+        self.assertEqual(gpt1["backward"], 28_311_552 + 789_504 - 3_538_944 + 62_175_744)
+        self.assertEqual(gpt1["train"], 164_464_128)  # the issue's "~170 MFLOP per token"
+        lstm1 = benchmark.model_flops_per_token(resolve_config("2"))
+        # 8 H (E + H) + 2 H E + 2 E V with E 768, H 512.
+        self.assertEqual(lstm1["forward"], 5_242_880 + 786_432 + 62_175_744)
+        self.assertEqual(lstm1["train"], 139_293_696)
+        learned = benchmark.model_flops_per_token(resolve_config("6", embeddings="none"))
+        self.assertEqual(learned["train"] - gpt1["train"], 62_175_744 + 3_538_944)
+
+
+class QuickRunTest(unittest.TestCase):
+    """A run smaller than --quick completes, prints the table and writes the JSON."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.mkdtemp()
+        cls.json_path = os.path.join(cls.folder, "bench.json")
+        cls.code, cls.out, cls.err = run_main(
+            "--device", "cpu", "--quick", "--batch_size", 1, "--sequence_length", 8, "--windows", 2,
+            "--json", cls.json_path)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder)
+
+    def test_exit_code_and_json(self):
+        self.assertEqual(self.code, 0, self.err)
+        with open(self.json_path) as file:
+            result = json.load(file)
+        self.assertEqual(set(result), {"environment", "settings", "matmul_rate", "models", "seconds"})
+        for key in ("python", "torch", "date", "command", "device", "device_name", "threads"):
+            self.assertIn(key, result["environment"])
+        self.assertEqual(result["environment"]["device"], "cpu")
+        self.assertTrue(result["environment"]["command"].startswith("python -m utils.benchmark --device cpu --quick"))
+        settings = result["settings"]
+        self.assertEqual((settings["batch_size"], settings["sequence_length"], settings["windows"]), (1, 8, 2))
+        self.assertEqual(settings["vocabulary_size"], 40479)
+        self.assertTrue(settings["quick"])
+        # Batch and windows were given; what --quick itself reduced is said.
+        self.assertEqual(settings["reduced"], ["models lstm1,gpt1 (full run: lstm1,lstm2,lstm4,gpt1,gpt2,gpt4)"])
+        self.assertEqual([model["model"] for model in result["models"]], list(benchmark.QUICK_MODELS))
+        self.assertGreater(result["matmul_rate"]["flops_per_second"], 0)
+        for model in result["models"]:
+            self.assertEqual(set(model["paths"]), {"reference", "fast"})
+            self.assertEqual(model["paths"]["reference"]["fused"], False)
+            self.assertEqual(model["paths"]["fast"]["fused"], True)
+            self.assertEqual({path["precision"] for path in model["paths"].values()}, {"fp32"})  # CPU
+            for path in model["paths"].values():
+                self.assertEqual(len(path["train_window_seconds"]), 2)
+                for key in ("train_tokens_per_second", "eval_tokens_per_second", "matmul_fraction"):
+                    self.assertGreater(path[key], 0, key)
+                self.assertIn("steady_mb", path["memory"])
+                self.assertIn("peak_mb", path["memory"])
+            self.assertEqual(set(model["speedup"]), {"train", "eval"})
+            self.assertEqual(set(model["speedup_paired"]), {"train", "eval"})
+            self.assertGreater(model["flops_per_token"]["train"], model["flops_per_token"]["forward"])
+            self.assertLess(model["parameters"]["learnable"], model["parameters"]["total"])  # frozen
+
+    def test_table(self):
+        lines = self.out.strip().splitlines()
+        header = next(index for index, line in enumerate(lines) if line.startswith("model"))
+        table = lines[header:]
+        self.assertEqual(len(table), 2 + 3 * len(benchmark.QUICK_MODELS))  # header, rule, 3 rows a model
+        for column in ("train tok/s", "eval tok/s", "peak MiB"):  # right-aligned under the header
+            end = table[0].index(column) + len(column)
+            for line in table[2:]:
+                self.assertEqual(len(line[:end].rstrip()), end, f"{column!r} not aligned in {line!r}")
+        self.assertIn("fast / reference", self.out)
+        self.assertIn("--quick reduced: models", self.out)
+        self.assertIn("gpt1: train window 2/2", self.err)  # progress goes to stderr
+
+
+def make_tiny_splits(folder, seed=0):
+    """wiki.{train,validation,test}.npz with a few hundred ids each (GPT-1 id range)."""
+    generator = np.random.default_rng(seed)
+    for split, count in (("train", 30), ("validation", 8), ("test", 8)):
+        sizes = generator.integers(5, 40, size=count).astype(np.int64)
+        tokens = generator.integers(1, 40479, size=int(sizes.sum())).astype(np.uint16)
+        np.savez(os.path.join(folder, f"wiki.{split}.npz"), tokens=tokens, sizes=sizes)
+
+
+class GpuCheckDryRunTest(unittest.TestCase):
+    """`--gpu-check` on the CPU with tiny limits: every part runs and lands in one JSON file."""
+
+    def test_dry_run(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        make_tiny_splits(folder)
+        json_path = os.path.join(folder, "check.json")
+        code, out, err = run_main("--gpu-check", "--device", "cpu", "--data_folder", folder,
+                                  "--json", json_path, "--models", "gpt1", "--batch_size", 2,
+                                  "--sequence_length", 8, "--windows", 1, "--limit_batches", 2)
+        self.assertEqual(code, 0, err)
+        with open(json_path) as file:
+            report = json.load(file)
+        self.assertEqual(report["errors"], {})
+        self.assertEqual([m["model"] for m in report["benchmark"]["models"]], ["gpt1"])
+        self.assertEqual(set(report["epochs"]), {"2", "6"})
+        for exp_id, run in report["epochs"].items():
+            self.assertEqual(run["config"]["epochs"], 1)
+            self.assertEqual(run["config"]["limit_batches"], 2)
+            self.assertEqual(run["embeddings"], "learned")  # no embeddings.npz in the folder
+            self.assertGreater(run["train_seconds"], 0)
+            self.assertEqual(run["train_tokens"] > 0, True)
+            self.assertIsNotNone(run["valid_ppl"])
+        targets = {item["target"]: item for item in report["targets"]}
+        self.assertIn("config 6: one training epoch <= 3.0 s", targets)
+        self.assertIn("gpt1: fast train >= 4.0x reference", targets)
+        self.assertGreater(report["gpu_check"]["seconds"], 0)
+        self.assertIn("dry run", err)
+        self.assertIn("config 6 (gpt1 x1", out)
+
+    def test_a_failing_part_is_recorded_and_the_rest_runs(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        make_tiny_splits(folder)
+        json_path = os.path.join(folder, "check.json")
+        finished = {"config": {"model": "gpt1", "layers": 1}, "embeddings": "learned", "train_seconds": 2.0,
+                    "train_tokens_per_second": 1e6, "valid_seconds": 0.5, "valid_ppl": 900.0}
+
+        def epoch_run(exp_id, args, device):
+            if exp_id == "2":
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return dict(finished, exp_id=exp_id)
+
+        with mock.patch.object(benchmark, "run_benchmark", side_effect=RuntimeError("no kernel")), \
+                mock.patch.object(benchmark, "epoch_run", side_effect=epoch_run):
+            code, out, _ = run_main("--gpu-check", "--device", "cpu", "--data_folder", folder, "--json", json_path)
+        self.assertEqual(code, 1)
+        with open(json_path) as file:
+            report = json.load(file)
+        self.assertEqual(report["errors"], {"benchmark": "RuntimeError: no kernel",
+                                            "epoch 2": "RuntimeError: CUDA error: an illegal memory access"})
+        self.assertEqual(report["epochs"]["6"]["train_seconds"], 2.0)
+        met = {item["target"]: item["met"] for item in report["targets"]}
+        self.assertEqual(met, {"config 6: one training epoch <= 3.0 s": True,
+                               "config 2: one training epoch <= 6.0 s": None})
+        self.assertIn("error in epoch 2", out)
+
+
+class TargetsTest(unittest.TestCase):
+    def test_check_targets(self):
+        def model(name, kind, speedup, fraction, steady, reference_steady):
+            return {"model": name, "kind": kind, "speedup": {"train": speedup, "eval": speedup},
+                    "memory_ratio": {"steady_mb": steady / reference_steady, "peak_mb": None},
+                    "paths": {"fast": {"matmul_fraction": fraction, "memory": {"steady_mb": steady}}}}
+
+        report = {"benchmark": {"models": [model("gpt1", "gpt1", 5.0, 0.2, 1000.0, 2000.0),
+                                           model("lstm1", "lstm", 1.5, 0.1, 500.0, 1000.0)]},
+                  "epochs": {"6": {"train_seconds": 2.5}}}
+        met = {item["target"]: item["met"] for item in benchmark.check_targets(report)}
+        self.assertEqual(met["gpt1: fast train >= 4.0x reference"], True)
+        self.assertEqual(met["gpt1: fast train >= 30% of the bf16 matmul rate"], False)
+        self.assertEqual(met["lstm1: fast train >= 2.0x reference"], False)
+        self.assertEqual(met["gpt1: fast steady memory <= 60% of reference"], True)
+        self.assertEqual(met["lstm1: fast steady memory < 3072 MiB"], True)
+        self.assertEqual(met["config 6: one training epoch <= 3.0 s"], True)
+        self.assertIsNone(met["config 2: one training epoch <= 6.0 s"])  # not measured
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_bad_model_names_the_choices(self):
+        code, _, err = run_main("--models", "gpt1,gpt3", "--device", "cpu")
+        self.assertEqual(code, 2)
+        self.assertIn("gpt3", err)
+        self.assertIn("lstm1, lstm2, lstm4, gpt1, gpt2, gpt4", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+    def test_bad_numbers_and_devices(self):
+        self.assertEqual(run_main("--batch_size", 0)[0], 2)
+        code, _, err = run_main("--device", "tpu")
+        self.assertEqual(code, 2)
+        self.assertIn("cpu, cuda or cuda:N", err)
+
+    @unittest.skipIf(torch.cuda.is_available(), "this machine has CUDA")
+    def test_cuda_asked_without_cuda(self):
+        code, _, err = run_main("--device", "cuda", "--quick")
+        self.assertEqual(code, 2)
+        self.assertIn("--device cpu", err)
+
+    @unittest.skipIf(torch.cuda.is_available(), "this machine has CUDA")
+    def test_gpu_check_needs_a_gpu_unless_told_cpu(self):
+        code, _, err = run_main("--gpu-check")
+        self.assertEqual(code, 2)
+        self.assertIn("--device cpu", err)
+
+    def test_gpu_check_without_data(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        code, _, err = run_main("--gpu-check", "--device", "cpu", "--data_folder", folder,
+                                "--json", os.path.join(folder, "x.json"))
+        self.assertEqual(code, 2)
+        self.assertIn(os.path.join(folder, "wiki.train.npz"), err)
+        self.assertFalse(os.path.exists(os.path.join(folder, "x.json")))
+
+
+if __name__ == "__main__":
+    unittest.main()
