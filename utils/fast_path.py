@@ -27,31 +27,41 @@ class ChunkedNLL(torch.autograd.Function):
     """NLL of each row's target under `log_softmax(features @ weight.T)`, a few rows at a time.
 
     `features` `(N, C)`, `weight` `(V, C)`, `targets` `(N,)` -> `(N,)` fp32. Only a `(rows, V)`
-    block of logits exists at any moment. Since row i's NLL depends on row i of `features` alone,
-    the forward pass also stores its gradient `J[i] = (softmax_i - onehot(target_i)) @ weight`
+    block of logits and one of log-probabilities exist at any moment, each one buffer reused by
+    every block (on the CPU a fresh block would be mapped and zeroed by the kernel every time:
+    glibc maps each allocation above 32 MiB). Since row i's NLL depends on row i of `features`
+    alone, the forward pass also stores its gradient `J[i] = (softmax_i - onehot(target_i)) @ weight`
     `(N, C)`; the backward pass is then `grad_nll[:, None] * J`, with no second matmul. Only when
-    `weight` itself learns does the backward pass recompute the logits, block by block.
-    Matmuls run in `compute_dtype` (bf16 on the fast CUDA path); softmax and NLL stay fp32.
+    `weight` itself learns does the backward pass recompute the logits, block by block, from the
+    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fast CUDA path);
+    softmax and NLL stay fp32.
     """
 
     @staticmethod
     def forward(ctx, features, weight, targets, rows, compute_dtype):
         inputs, matrix = features.to(compute_dtype), weight.to(compute_dtype)
-        count = features.shape[0]
-        nll = torch.empty(count, dtype=torch.float32, device=features.device)  # (N,)
-        need_jacobian = ctx.needs_input_grad[0]
-        jacobian = torch.empty(features.shape, dtype=torch.float32, device=features.device) if need_jacobian else None
-        log_normalisers = torch.empty(count, dtype=torch.float32, device=features.device)
+        count, device = features.shape[0], features.device
+        nll = torch.empty(count, dtype=torch.float32, device=device)  # (N,)
+        need_jacobian, need_normalisers = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        jacobian = torch.empty(features.shape, dtype=torch.float32, device=device) if need_jacobian else None
+        log_normalisers = torch.empty(count, dtype=torch.float32, device=device) if need_normalisers else None
+        rows = max(1, min(rows, count))
+        logits = torch.empty((rows, weight.shape[0]), dtype=compute_dtype, device=device)  # (rows, V)
+        log_probas = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=device)  # (rows, V)
         for start in range(0, count, rows):
             block = slice(start, start + rows)
-            logits = (inputs[block] @ matrix.t()).float()  # (rows, V)
-            log_normalisers[block] = torch.logsumexp(logits, dim=1)  # (rows,)
-            target = targets[block].unsqueeze(1)  # (rows, 1)
-            nll[block] = log_normalisers[block] - logits.gather(1, target).squeeze(1)
+            size = min(rows, count - start)
+            block_logits, block_log_probas = logits[:size], log_probas[:size]
+            torch.mm(inputs[block], matrix.t(), out=block_logits)  # (size, V)
+            torch.log_softmax(block_logits, dim=1, dtype=torch.float32, out=block_log_probas)
+            target = targets[block].unsqueeze(1)  # (size, 1)
+            nll[block] = -block_log_probas.gather(1, target).squeeze(1)
+            if need_normalisers:  # log-sum-exp = logit - log-probability, at the target's column
+                log_normalisers[block] = block_logits.gather(1, target).squeeze(1).float() + nll[block]
             if need_jacobian:
-                probas = logits.sub_(log_normalisers[block].unsqueeze(1)).exp_()  # (rows, V) softmax
+                probas = block_log_probas.exp_()  # (size, V) softmax
                 probas.scatter_add_(1, target, torch.full_like(target, -1, dtype=probas.dtype))
-                jacobian[block] = (probas.to(compute_dtype) @ matrix).float()  # (rows, C)
+                jacobian[block] = (probas.to(compute_dtype) @ matrix).float()  # (size, C)
         ctx.rows, ctx.compute_dtype = rows, compute_dtype
         ctx.save_for_backward(features, weight, targets, log_normalisers, jacobian)
         return nll
@@ -81,14 +91,14 @@ def fused_token_nll(features, weight, targets, block_bytes=None):
     """NLL of each target from the last layer's input: `(B, T, C)`, `(V, C)`, `(B, T)` -> `(B, T)` fp32.
 
     Equal to `token_nll(log_softmax(features @ weight.T), targets)` without the dense `(B, T, V)`
-    tensors (see `ChunkedNLL`). Under autocast the matmuls take autocast's dtype. Blocks of logits
-    are about `block_bytes` (256 MiB on a GPU, 64 MiB on a CPU, where moderate blocks stay in the
-    allocator's cache instead of being mapped and zeroed by the kernel at every step).
+    tensors (see `ChunkedNLL`). Under autocast the matmuls take autocast's dtype. Blocks of fp32
+    logits are about `block_bytes` (256 MiB: on the CPU smaller blocks make the matmul slower, see
+    `python -m utils.benchmark`).
     """
     batch_size, length, width = features.shape
     device_type = features.device.type
     if block_bytes is None:
-        block_bytes = 2 ** 28 if device_type == "cuda" else 2 ** 26
+        block_bytes = 2 ** 28
     rows = max(1, block_bytes // (4 * weight.shape[0]))
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else features.dtype)
