@@ -148,12 +148,12 @@ class FusedTokenNllTest(unittest.TestCase):
         assert_close(self, grad, expected, "gradient of features", relative=1e-6)
 
     def test_gradcheck(self):
-        features = self.features[:1, :5].clone().requires_grad_()
-        weight = self.weight.clone().requires_grad_()
-        targets = self.targets[:1, :5]
+        features = self.features[:1, :3, :4].clone().requires_grad_()  # (1, 3, 4)
+        weight = self.weight[:5, :4].clone().requires_grad_()  # (5, 4)
+        targets = self.targets[:1, :3] % 5
 
         def function(f, w):
-            return fused_token_nll(f, w, targets, block_bytes=4 * 13 * 2).double()
+            return fused_token_nll(f, w, targets, block_bytes=4 * 5 * 2).double()
 
         # The NLL is returned in fp32, so the numerical derivative is checked loosely.
         self.assertTrue(torch.autograd.gradcheck(function, (features, weight), eps=1e-3, atol=1e-3, rtol=1e-3))
