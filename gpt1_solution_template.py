@@ -32,8 +32,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, inputs):
         """`inputs` `(*, hidden_size)` -> same shape, each last-dimension vector normalised."""
-        mean = inputs.mean(dim=-1, keepdim=True)  # (*, 1)
-        variance = inputs.var(dim=-1, unbiased=False, keepdim=True)  # (*, 1)
+        variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each, biased
         normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
         return normalised * self.weight + self.bias
 
@@ -164,6 +163,9 @@ class MiniGPT1(LanguageModel, nn.Module):
 
     def get_embeddings(self, inputs):
         """`inputs` `(B, T)` -> `(B, T, embedding_size)`: token plus position `0..T-1` embeddings."""
+        if inputs.shape[1] > self.sequence_length:  # from the shape: no wait for a GPU
+            raise ValueError(f"sequence of length {inputs.shape[1]} is longer than sequence_length="
+                             f"{self.sequence_length}; cut the input to at most that many tokens")
         positions = torch.arange(inputs.shape[1], device=inputs.device)  # (T,)
         return self.embedding(inputs, positions.unsqueeze(0).expand_as(inputs))  # (B, T, C)
 

@@ -57,9 +57,31 @@ class LSTM(LanguageModel, nn.Module):
 
     def _run(self, inputs, hidden_states):
         embedded = self.embedding(inputs)  # (B, T, E)
-        outputs, hidden_states = self.lstm(embedded, hidden_states)  # (B, T, H)
+        if embedded.is_cuda and torch.is_autocast_enabled("cuda") and self.num_layers > 1:
+            outputs, hidden_states = self.lstm_by_layer(embedded, hidden_states)  # (B, T, H)
+        else:
+            outputs, hidden_states = self.lstm(embedded, hidden_states)  # (B, T, H)
         features = self.classifier[1](self.classifier[0](outputs))  # (B, T, E)
         return features, hidden_states
+
+    def lstm_by_layer(self, inputs, hidden_states):
+        """`self.lstm` computed one layer at a time, on its own weights: the same outputs and states.
+
+        Under CUDA autocast cuDNN runs the LSTM in fp16 (the training loop scales the loss for it),
+        and its persistent kernels, several times faster at these sizes, take one layer per call.
+        """
+        h, c = hidden_states  # each (L, B, H)
+        outputs, last_h, last_c = inputs, [], []
+        for layer in range(self.num_layers):
+            weights = [getattr(self.lstm, f"{name}_l{layer}")
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            outputs, h_layer, c_layer = torch.lstm(
+                outputs, (h[layer:layer + 1], c[layer:layer + 1]), weights, has_biases=True,
+                num_layers=1, dropout=0.0, train=self.training, bidirectional=False,
+                batch_first=True)  # (B, T, H), (1, B, H), (1, B, H)
+            last_h.append(h_layer)
+            last_c.append(c_layer)
+        return outputs, (torch.cat(last_h), torch.cat(last_c))
 
     def initial_states(self, batch_size, device=None):
         """Zero `(h, c)`, each `(num_layers, batch_size, hidden_size)`, on the parameters' device."""

@@ -69,6 +69,8 @@ class Processes:
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {device} asked for CUDA but none is available: use --device cpu")
+            if self.device.index is None:  # "cuda": the current device, by its index (set_device needs one)
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -141,6 +143,29 @@ def make_optimizer(config, parameters, device):
         return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay, **fused)
     return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay, **fused)
+
+
+def make_grad_scaler(config, device):
+    """Dynamic loss scaling, on whenever autocast is.
+
+    CUDA autocast runs cuDNN's LSTM in fp16 whatever autocast's dtype, and fp16 gradients of the
+    size this loss gives (about 1e-5) lose their precision or vanish without scaling. For bf16
+    alone scaling is harmless (bf16 has fp32's range) and, with fused optimizers, costs no sync.
+    """
+    return torch.amp.GradScaler(device.type, enabled=resolve_precision(config, device) is not None)
+
+
+def optimizer_step(loss, optimizer, scaler, learnable, clip_grad_norm=None):
+    """Backward pass, optional clipping of the true gradients, and the optimizer's step.
+
+    With scaling, a step whose gradients overflowed is skipped and the scale lowered.
+    """
+    scaler.scale(loss).backward()
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(learnable, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def make_scheduler(config, optimizer, steps_per_epoch):
@@ -232,12 +257,26 @@ def batch_indices(count, batch_size, processes, epoch=None, seed=0, limit=None):
     return [(torch.tensor_split(batch, processes.world_size)[processes.rank], batch) for batch in batches]
 
 
+def shares_on_device(batches, device):
+    """Each batch's share of example indices (from `batch_indices`) on `device`, in one copy.
+
+    A copy per step from pageable host memory would make the host wait for the GPU at every step,
+    so that launching the next step's kernels could not overlap the current step's work.
+    """
+    shares = [share for share, _ in batches]
+    if not shares:
+        return []
+    return list(torch.cat(shares).to(device).split([len(share) for share in shares]))
+
+
 def train(step, optimizer, data, batches, processes, scheduler=None, clip_grad_norm=None,
-          max_steps=None, steps_done=0, progress=False, print_every=0, description="train"):
+          max_steps=None, steps_done=0, progress=False, print_every=0, description="train",
+          scaler=None):
     """One epoch of training over `batches` (from `batch_indices`). Returns its figures.
 
-    `step` is a `BatchLoss` (possibly wrapped by DDP or torch.compile). The loss and perplexity
-    are exact averages over the real tokens trained on, as trained.
+    `step` is a `BatchLoss` (possibly wrapped by DDP or torch.compile); `scaler` a GradScaler
+    (`make_grad_scaler`; none: no scaling). The loss and perplexity are exact averages over the
+    real tokens trained on, as trained.
     """
     step.train()
     device = processes.device
@@ -248,19 +287,17 @@ def train(step, optimizer, data, batches, processes, scheduler=None, clip_grad_n
     bar = tqdm(batches, desc=description, disable=not (progress and processes.main),
                dynamic_ncols=True, leave=False)
     learnable = [p for p in unwrap(step).parameters() if p.requires_grad]
-    for index, (share, global_batch) in enumerate(bar):
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    on_device = shares_on_device(batches, device)
+    for index, (_, global_batch) in enumerate(bar):
         if max_steps is not None and steps >= max_steps:
             break
-        share_on_device = share.to(device)
-        batch = {key: value.index_select(0, share_on_device) for key, value in data.items()}
+        batch = {key: value.index_select(0, on_device[index]) for key, value in data.items()}
         sequences = int(present[global_batch].sum())  # the same count on every process
         scale = processes.world_size / max(sequences, 1)
         optimizer.zero_grad(set_to_none=True)
         loss, batch_nll, batch_tokens = step(batch["source"], batch["target"], batch["mask"], scale)
-        loss.backward()
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(learnable, clip_grad_norm)
-        optimizer.step()
+        optimizer_step(loss, optimizer, scaler, learnable, clip_grad_norm)
         if scheduler is not None:
             scheduler.step()
         steps += 1
@@ -302,12 +339,11 @@ def evaluate(step, data, batch_size, processes, limit=None, progress=False, desc
     started = time.perf_counter()
     batches = batch_indices(len(data["source"]), batch_size, processes, limit=limit)
     module = unwrap(step)  # no gradients to synchronise: skip the DDP wrapper
-    for share, _ in tqdm(batches, desc=description, disable=not (progress and processes.main),
-                         dynamic_ncols=True, leave=False):
+    for share in tqdm(shares_on_device(batches, device), desc=description,
+                      disable=not (progress and processes.main), dynamic_ncols=True, leave=False):
         if len(share) == 0:
             continue
-        share_on_device = share.to(device)
-        batch = {key: value.index_select(0, share_on_device) for key, value in data.items()}
+        batch = {key: value.index_select(0, share) for key, value in data.items()}
         _, batch_nll, batch_tokens = module(batch["source"], batch["target"], batch["mask"], 1.0)
         nll_sum += batch_nll
         tokens += batch_tokens
@@ -439,6 +475,7 @@ def run_experiment(config, options=None):
             step, device_ids=[device.index] if device.type == "cuda" else None)
     learnable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, learnable, device)
+    scaler = make_grad_scaler(config, device)
     steps_per_epoch = math.ceil(len(data["train"]["source"]) / config.batch_size)
     if config.limit_batches:
         steps_per_epoch = min(steps_per_epoch, config.limit_batches)
@@ -453,6 +490,8 @@ def run_experiment(config, options=None):
         optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None and payload.get("scheduler"):
             scheduler.load_state_dict(payload["scheduler"])
+        if scaler.is_enabled() and payload.get("grad_scaler"):  # absent: saved without scaling
+            scaler.load_state_dict(payload["grad_scaler"])
         restore_rng_state(payload["rng"])
         steps = payload["steps"]
         log["epochs"] = list(payload["state"].get("epochs", []))
@@ -480,7 +519,7 @@ def run_experiment(config, options=None):
             lr = optimizer.param_groups[0]["lr"]
             trained = train(step, optimizer, data["train"], batches, processes, scheduler,
                             config.clip_grad_norm, config.max_steps, steps, progress,
-                            options.print_every, f"epoch {epoch}/{config.epochs} train")
+                            options.print_every, f"epoch {epoch}/{config.epochs} train", scaler)
             steps = trained["steps"]
             validated = evaluate(step, data["validation"], config.batch_size, processes,
                                  config.limit_batches, progress, f"epoch {epoch}/{config.epochs} valid")
@@ -495,7 +534,8 @@ def run_experiment(config, options=None):
             if options.write_logs and processes.main:
                 if improved:
                     save_checkpoint(paths["best"], config, model, epoch=epoch, steps=steps, state=state)
-                save_checkpoint(paths["last"], config, model, optimizer, scheduler, epoch, steps, state)
+                save_checkpoint(paths["last"], config, model, optimizer, scheduler, epoch, steps, state,
+                                grad_scaler=scaler)
             elif improved:
                 best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
             write()
@@ -584,7 +624,8 @@ def parse_args(argv=None):
     add("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default none)")
     add("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value")
     add("--precision", choices=PRECISIONS, default=None,
-        help="auto: bf16 autocast on CUDA, fp32 on the CPU; fp32 turns mixed precision off")
+        help="auto: bf16 autocast on CUDA (with loss scaling), fp32 on the CPU; fp32 turns mixed "
+             "precision off")
     add("--no_fused", dest="fused", action="store_false", default=None,
         help="the course's plain path: explicit attention and dense log-probabilities")
     add("--compile", action="store_true", default=None, help="torch.compile the model and loss")

@@ -128,7 +128,8 @@ class QuickRunTest(unittest.TestCase):
         self.assertEqual(self.code, 0, self.err)
         with open(self.json_path) as file:
             result = json.load(file)
-        self.assertEqual(set(result), {"environment", "settings", "matmul_rate", "models", "seconds"})
+        self.assertEqual(set(result), {"environment", "settings", "matmul_rate", "models", "seconds", "errors"})
+        self.assertEqual(result["errors"], {})
         for key in ("python", "torch", "date", "command", "device", "device_name", "threads"):
             self.assertIn(key, result["environment"])
         self.assertEqual(result["environment"]["device"], "cpu")
@@ -240,6 +241,30 @@ class GpuCheckDryRunTest(unittest.TestCase):
         self.assertEqual(met["config 6: one training epoch <= 3.0 s"], True)  # from the figures given
         self.assertIsNone(met["config 2: one training epoch <= 6.0 s"])  # failed: not measured
         self.assertIn("error in epoch 2", out)
+
+
+class ModelFailureTest(unittest.TestCase):
+    def test_one_failing_model_keeps_the_others(self):
+        real = benchmark.benchmark_model
+
+        def benchmark_model(name, *args, **kwargs):
+            if name == "lstm1":
+                raise RuntimeError("cuDNN RNN: no kernel for this dtype")
+            return real(name, *args, **kwargs)
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        json_path = os.path.join(folder, "bench.json")
+        with mock.patch.object(benchmark, "benchmark_model", side_effect=benchmark_model):
+            code, out, err = run_main("--device", "cpu", "--models", "lstm1,gpt1", "--batch_size", 1,
+                                      "--sequence_length", 8, "--windows", 1, "--json", json_path)
+        self.assertEqual(code, 1)
+        with open(json_path) as file:
+            result = json.load(file)
+        self.assertEqual([model["model"] for model in result["models"]], ["gpt1"])
+        self.assertEqual(result["errors"], {"lstm1": "RuntimeError: cuDNN RNN: no kernel for this dtype"})
+        self.assertIn("lstm1 failed: RuntimeError", out)
+        self.assertRegex(out, r"\ngpt1 +fast / reference")
 
 
 class TargetsTest(unittest.TestCase):

@@ -3,16 +3,21 @@
 On the CPU in fp32, on the same weights and batch (tiny models of tests/helpers.py, a padded batch
 with an empty sequence), the fused loss, NLL sum, token count and gradients equal the plain path's
 to 1e-5 relative; `fused_token_nll` equals an explicit log-softmax in float64, whatever the block
-size; fused attention equals `get_attention_weights` + `apply_attention`; and `BatchLoss`'s
-`scale` gives the course's loss `model.loss(model.predict(x), y, mask)`.
+size and the vocabulary's padding; fused attention equals `get_attention_weights` + `apply_attention`; and `BatchLoss`'s
+`scale` gives the course's loss `model.loss(model.predict(x), y, mask)`. Under bf16 autocast the
+loss stays within 1% of fp32, and the LSTM computed layer by layer (as under CUDA autocast)
+equals the whole `nn.LSTM`. On a GPU, `CudaPathTest` (skipped elsewhere) repeats these on CUDA.
 """
 import copy
+import itertools
 import unittest
 
 import torch
 
+import run_exp
 from gpt1_solution_template import MultiHeadedAttention
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
+from utils.config import resolve_config
 from utils.fast_path import BatchLoss, fused_token_nll, set_fused_attention
 from utils.language_model import token_nll
 
@@ -45,47 +50,49 @@ def assert_close(test, actual, expected, what, relative=RELATIVE, scale=None):
                          f"{what}: max error {error:.3g} against max |value| {scale:.3g}")
 
 
+def compare_paths(test, make_model, learn_embeddings, device="cpu", relative=RELATIVE):
+    """`BatchLoss(fused=True)` against `BatchLoss(fused=False)` in fp32: loss, sums, gradients."""
+    model = make_model(learn_embeddings=learn_embeddings).to(device)
+    source, target, mask = (tensor.to(device) for tensor in padded_batch())
+    sequences = int((mask.sum(dim=1) > 0).sum())
+    results = {}
+    for fused in (False, True):
+        copy_ = copy.deepcopy(model)
+        loss, nll_sum, count = BatchLoss(copy_, fused=fused)(source, target, mask, 1.0 / sequences)
+        loss.backward()
+        gradients = {name: p.grad for name, p in copy_.named_parameters() if p.requires_grad}
+        results[fused] = (loss.detach(), nll_sum, count, gradients)
+    (loss, nll_sum, count, gradients), (f_loss, f_nll_sum, f_count, f_gradients) = results[False], results[True]
+    assert_close(test, f_loss, loss, "loss", relative)
+    assert_close(test, f_nll_sum, nll_sum, "nll_sum", relative)
+    test.assertEqual(f_count.item(), count.item())
+    test.assertEqual(count.item(), mask.sum().item())
+    test.assertEqual(gradients.keys(), f_gradients.keys())
+    embedding_grads = [name for name in gradients if "embedding" in name]
+    test.assertEqual(bool(embedding_grads), learn_embeddings)
+    largest = max(gradient.abs().max().item() for gradient in gradients.values())
+    for name, gradient in gradients.items():
+        test.assertIsNotNone(gradient, name)
+        floor = largest if name.endswith("keys.bias") else None
+        if floor is None:
+            test.assertGreater(gradient.abs().max().item(), 1e-4 * largest, name)
+        assert_close(test, f_gradients[name], gradient, f"gradient of {name}", relative, scale=floor)
+
+
 class PathEquivalenceTest(unittest.TestCase):
     """`BatchLoss(fused=True)` against `BatchLoss(fused=False)` in fp32 on the CPU."""
 
-    def compare(self, make_model, learn_embeddings):
-        model = make_model(learn_embeddings=learn_embeddings)
-        source, target, mask = padded_batch()
-        sequences = int((mask.sum(dim=1) > 0).sum())
-        results = {}
-        for fused in (False, True):
-            copy_ = copy.deepcopy(model)
-            loss, nll_sum, count = BatchLoss(copy_, fused=fused)(source, target, mask, 1.0 / sequences)
-            loss.backward()
-            gradients = {name: p.grad for name, p in copy_.named_parameters() if p.requires_grad}
-            results[fused] = (loss.detach(), nll_sum, count, gradients)
-        (loss, nll_sum, count, gradients), (f_loss, f_nll_sum, f_count, f_gradients) = results[False], results[True]
-        assert_close(self, f_loss, loss, "loss")
-        assert_close(self, f_nll_sum, nll_sum, "nll_sum")
-        self.assertEqual(f_count.item(), count.item())
-        self.assertEqual(count.item(), mask.sum().item())
-        self.assertEqual(gradients.keys(), f_gradients.keys())
-        embedding_grads = [name for name in gradients if "embedding" in name]
-        self.assertEqual(bool(embedding_grads), learn_embeddings)
-        largest = max(gradient.abs().max().item() for gradient in gradients.values())
-        for name, gradient in gradients.items():
-            self.assertIsNotNone(gradient, name)
-            floor = largest if name.endswith("keys.bias") else None
-            if floor is None:
-                self.assertGreater(gradient.abs().max().item(), 1e-4 * largest, name)
-            assert_close(self, f_gradients[name], gradient, f"gradient of {name}", scale=floor)
-
     def test_lstm_frozen_embeddings(self):
-        self.compare(tiny_lstm, learn_embeddings=False)
+        compare_paths(self, tiny_lstm, learn_embeddings=False)
 
     def test_lstm_learned_embeddings(self):
-        self.compare(tiny_lstm, learn_embeddings=True)
+        compare_paths(self, tiny_lstm, learn_embeddings=True)
 
     def test_gpt_frozen_embeddings(self):
-        self.compare(tiny_gpt, learn_embeddings=False)
+        compare_paths(self, tiny_gpt, learn_embeddings=False)
 
     def test_gpt_learned_embeddings(self):
-        self.compare(tiny_gpt, learn_embeddings=True)
+        compare_paths(self, tiny_gpt, learn_embeddings=True)
 
     def test_per_token_nll_and_log_probabilities(self):
         source, target, _ = padded_batch()
@@ -108,6 +115,109 @@ class PathEquivalenceTest(unittest.TestCase):
         self.assertEqual({layer.attention.fused for layer in model.layers}, {True})
 
 
+def check_close_to_fp32(test, device):
+    """bf16 loss within 1% of fp32, gradients within 5% (relative L2), the loss itself fp32."""
+    source, target, mask = (tensor.to(device) for tensor in padded_batch())
+    sequences = int((mask.sum(dim=1) > 0).sum())
+    for make_model in (tiny_lstm, tiny_gpt):
+        model = make_model(learn_embeddings=True).to(device)
+        results = {}
+        for dtype in (None, torch.bfloat16):
+            copy_ = copy.deepcopy(model)
+            loss, nll_sum, _ = BatchLoss(copy_, fused=True, autocast_dtype=dtype)(
+                source, target, mask, 1.0 / sequences)
+            loss.backward()
+            gradients = torch.cat([p.grad.flatten() for p in copy_.parameters() if p.requires_grad])
+            results[dtype] = loss.detach(), nll_sum, gradients
+        (loss, nll_sum, gradients), (m_loss, m_nll_sum, m_gradients) = results[None], results[torch.bfloat16]
+        name = type(model).__name__
+        test.assertEqual((m_loss.dtype, m_nll_sum.dtype), (torch.float32, torch.float32), name)
+        assert_close(test, m_loss, loss, f"{name} bf16 loss", relative=1e-2)
+        assert_close(test, m_nll_sum, nll_sum, f"{name} bf16 nll_sum", relative=1e-2)
+        error = ((m_gradients - gradients).norm() / gradients.norm()).item()
+        test.assertLess(error, 5e-2, f"{name}: bf16 gradients differ by {error:.3g} (relative L2)")
+
+
+def check_lstm_by_layer(test, device, relative):
+    """`LSTM.lstm_by_layer` gives `self.lstm`'s outputs, final states and gradients."""
+    model = tiny_lstm().to(device)
+    inputs = torch.randn(3, 16, TINY["embedding_size"], device=device,
+                         generator=torch.Generator(device).manual_seed(3))
+    states = tuple(torch.randn(2, *model.initial_states(3)[0].shape, device=device).unbind(0))
+    results = []
+    for run in (model.lstm, model.lstm_by_layer):
+        model.zero_grad()
+        outputs, (h, c) = run(inputs, states)
+        (outputs.float().square().sum() + h.float().sum() + c.float().sum()).backward()
+        results.append([outputs, h, c] + [p.grad.clone() for p in model.lstm.parameters()])
+    for name, by_layer, whole in zip(["outputs", "h", "c"] + [n for n, _ in model.lstm.named_parameters()],
+                                     results[1], results[0]):
+        test.assertEqual(by_layer.shape, whole.shape, name)
+        assert_close(test, by_layer.float(), whole.float(), f"lstm_by_layer {name}", relative)
+
+
+class MixedPrecisionTest(unittest.TestCase):
+    """The fast path under bf16 autocast on the CPU (CudaPathTest repeats it on a GPU)."""
+
+    def test_lstm_by_layer_equals_the_whole_lstm(self):
+        check_lstm_by_layer(self, "cpu", RELATIVE)
+
+    def test_bf16_autocast_on_cpu(self):
+        check_close_to_fp32(self, "cpu")
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "no CUDA device here (run on a GPU machine)")
+class CudaPathTest(unittest.TestCase):
+    """On a GPU: fp32 with TF32 off equals the reference path; bf16 is close to fp32."""
+
+    def setUp(self):
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+        def restore():
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        self.addCleanup(restore)
+
+    def test_fp32_paths_are_equal(self):
+        for make_model in (tiny_lstm, tiny_gpt):
+            for learn in (False, True):
+                with self.subTest(model=make_model.__name__, learn_embeddings=learn):
+                    compare_paths(self, make_model, learn, device="cuda", relative=1e-4)
+
+    def test_bf16_autocast_on_cuda(self):
+        check_close_to_fp32(self, "cuda")
+
+    def test_run_exp_names_the_gpu_by_its_index(self):
+        for name in (None, "cuda"):  # the default, and --device cuda
+            self.assertEqual(run_exp.Processes(name).device, torch.device("cuda", torch.cuda.current_device()))
+
+    def test_a_training_step_never_waits_for_the_gpu(self):
+        """No host-device sync in the fast path's step: forward, scaled backward, fused AdamW."""
+        source, target, mask = (tensor.to("cuda") for tensor in padded_batch())
+        config = resolve_config("6")  # fused path, precision auto (bf16), AdamW
+        device = torch.device("cuda")
+        for make_model in (tiny_lstm, tiny_gpt):
+            model = make_model(learn_embeddings=True).to(device)
+            step = BatchLoss(model, fused=True, autocast_dtype=torch.bfloat16)
+            learnable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = run_exp.make_optimizer(config, learnable, device)
+            scaler = run_exp.make_grad_scaler(config, device)
+            for index in range(3):  # the first step creates the optimizer's and scaler's state
+                if index == 2:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, _, _ = step(source, target, mask, 0.25)
+                    run_exp.optimizer_step(loss, optimizer, scaler, learnable)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+    def test_lstm_by_layer_on_cuda(self):
+        check_lstm_by_layer(self, "cuda", 1e-4)  # what the fast path runs under autocast
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            check_lstm_by_layer(self, "cuda", 1e-2)  # cuDNN in fp16, each way
+
+
 class FusedTokenNllTest(unittest.TestCase):
     """`fused_token_nll` against `log_softmax(features @ weight.T)` in float64."""
 
@@ -126,10 +236,12 @@ class FusedTokenNllTest(unittest.TestCase):
         features, weight = self.features.clone().requires_grad_(), self.weight.clone().requires_grad_()
         expected = self.explicit(features, weight)
         expected_grads = torch.autograd.grad((expected * upstream).sum(), (features, weight))
-        # 1 row per block, 4 rows (21 = 5 * 4 + 1: a ragged last block), and all rows at once.
-        for rows in (1, 4, 21, 64):
-            with self.subTest(rows=rows):
-                nll = fused_token_nll(features, weight, self.targets, block_bytes=4 * vocabulary * rows)
+        # 1 row per block, 4 rows (21 = 5 * 4 + 1: a ragged last block), and all rows at once; the
+        # vocabulary as it is (the CPU's default) and padded from 13 to 16 or 64 (CUDA's default).
+        for rows, multiple in itertools.product((1, 4, 21, 64), (1, 16, 64)):
+            with self.subTest(rows=rows, vocabulary_multiple=multiple):
+                nll = fused_token_nll(features, weight, self.targets, block_bytes=4 * vocabulary * rows,
+                                      vocabulary_multiple=multiple)
                 self.assertEqual(nll.shape, (3, 7))
                 self.assertEqual(nll.dtype, torch.float32)  # the documented output dtype
                 assert_close(self, nll.double(), expected.detach(), "NLL", relative=1e-6)
@@ -152,11 +264,12 @@ class FusedTokenNllTest(unittest.TestCase):
         weight = self.weight[:5, :4].clone().requires_grad_()  # (5, 4)
         targets = self.targets[:1, :3] % 5
 
-        def function(f, w):
-            return fused_token_nll(f, w, targets, block_bytes=4 * 5 * 2).double()
+        for multiple in (1, 8):
+            def function(f, w):
+                return fused_token_nll(f, w, targets, block_bytes=4 * 5 * 2, vocabulary_multiple=multiple).double()
 
-        # The NLL is returned in fp32, so the numerical derivative is checked loosely.
-        self.assertTrue(torch.autograd.gradcheck(function, (features, weight), eps=1e-3, atol=1e-3, rtol=1e-3))
+            # The NLL is returned in fp32, so the numerical derivative is checked loosely.
+            self.assertTrue(torch.autograd.gradcheck(function, (features, weight), eps=1e-3, atol=1e-3, rtol=1e-3))
 
     def test_no_grad_gives_the_same_values(self):
         with torch.no_grad():

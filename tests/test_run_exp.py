@@ -92,6 +92,32 @@ class PresetTest(unittest.TestCase):
         self.assertEqual((json.loads(out)["model"], json.loads(out)["optimizer"]), ("gpt1", "adam"))
 
 
+class BatchIndicesTest(unittest.TestCase):
+    """Each epoch's batches cover every example once, in a seeded order; shares partition them."""
+
+    def test_epochs_shares_and_device_copy(self):
+        class Two:  # the second of two processes
+            world_size, rank = 2, 1
+
+        class One:
+            world_size, rank = 1, 0
+
+        epoch = run_exp.batch_indices(11, 4, One, epoch=3, seed=7)
+        self.assertEqual([len(batch) for _, batch in epoch], [4, 4, 3])
+        self.assertEqual(sorted(torch.cat([share for share, _ in epoch]).tolist()), list(range(11)))
+        def order(batches):
+            return [batch.tolist() for _, batch in batches]
+
+        self.assertEqual(order(epoch), order(run_exp.batch_indices(11, 4, One, epoch=3, seed=7)))
+        self.assertNotEqual(order(epoch), order(run_exp.batch_indices(11, 4, One, epoch=4, seed=7)))
+        second = run_exp.batch_indices(11, 4, Two, epoch=3, seed=7)  # the back half of each batch
+        self.assertEqual([share.tolist() for share, _ in second], [batch[2:] for batch in order(epoch)])
+        self.assertEqual(run_exp.batch_indices(11, 4, One, limit=2)[1][0].tolist(), [4, 5, 6, 7])  # evaluation: in order
+        on_device = run_exp.shares_on_device(second, torch.device("cpu"))
+        self.assertEqual([share.tolist() for share in on_device], [share.tolist() for share, _ in second])
+        self.assertEqual(run_exp.shares_on_device([], torch.device("cpu")), [])
+
+
 class SmokeRunTest(TinyRunCase):
     def check_run(self, model):
         code, out, err = run_main(*self.args("smoke_" + model, model))
@@ -156,6 +182,49 @@ class SmokeRunTest(TinyRunCase):
         log = read_log(os.path.join(self.logs, "limits", "log.json"))
         self.assertEqual([e["steps"] for e in log["epochs"]], [2, 3])
         self.assertEqual(log["epochs"][0]["train_tokens"] <= 2 * 4 * 16, True)
+
+
+class LossScalingTest(TinyRunCase):
+    """Dynamic loss scaling whenever autocast is on: the same steps, its state kept across resume."""
+
+    def test_scaled_step_equals_the_plain_step(self):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        inputs = torch.randn(4, 5)
+        results = []
+        for enabled in (False, True):
+            copy_ = torch.nn.Linear(5, 3)
+            copy_.load_state_dict(model.state_dict())
+            optimizer = torch.optim.AdamW(copy_.parameters(), lr=0.1)
+            scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+            for _ in range(3):
+                optimizer.zero_grad()
+                loss = copy_(inputs).pow(2).mean()
+                run_exp.optimizer_step(loss, optimizer, scaler, list(copy_.parameters()), clip_grad_norm=0.5)
+            results.append(copy_.weight.detach())
+        # Scaling by a power of two and back is exact.
+        self.assertTrue(torch.equal(results[0], results[1]))
+        self.assertFalse(torch.equal(results[0], model.weight.detach()))
+
+    def test_mixed_precision_run_keeps_its_scaler_state(self):
+        code, _, err = run_main(*self.args("mixed", "lstm", "--precision", "bf16"))
+        self.assertEqual(code, 0, err)
+        payload = torch.load(os.path.join(self.logs, "mixed", "last.pt"), weights_only=True)
+        steps = payload["steps"]
+        self.assertEqual(payload["grad_scaler"]["scale"], 65536.0)
+        self.assertEqual(payload["grad_scaler"]["_growth_tracker"], steps)  # no step overflowed
+        code, _, err = run_main(*self.args("mixed", "lstm", "--precision", "bf16", "--epochs", 3, "--resume"))
+        self.assertEqual(code, 0, err)
+        payload = torch.load(os.path.join(self.logs, "mixed", "last.pt"), weights_only=True)
+        self.assertEqual(payload["grad_scaler"]["_growth_tracker"], payload["steps"])  # carried on
+        self.assertGreater(payload["steps"], steps)
+        log = read_log(os.path.join(self.logs, "mixed", "log.json"))
+        self.assertEqual(log["environment"]["autocast"], "bf16")
+        self.assertLess(log["epochs"][-1]["train_loss"], log["epochs"][0]["train_loss"])
+        code, _, err = run_main(*self.args("plain32", "lstm", "--precision", "fp32", "--epochs", 1))
+        self.assertEqual(code, 0, err)
+        payload = torch.load(os.path.join(self.logs, "plain32", "last.pt"), weights_only=True)
+        self.assertEqual(payload["grad_scaler"], {})  # no autocast, no scaling
 
 
 class ExistingRunTest(TinyRunCase):

@@ -13,7 +13,8 @@ same process on the same weights and batch of random token ids:
 - reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
   `apply_attention`, dense log-probabilities `(B, T, V)`, PyTorch's default AdamW;
 - fast: what `run_exp.py` does by default: `BatchLoss(fused=True)` (scaled-dot-product attention,
-  the chunked NLL), bf16 autocast and TF32 and the fused AdamW on CUDA; fp32 on the CPU.
+  the chunked NLL), bf16 autocast with dynamic loss scaling, TF32 and the fused AdamW on CUDA;
+  fp32 on the CPU.
 
 How each path is measured:
 
@@ -295,7 +296,7 @@ class PathRunner:
     """A copy of the model with the loss module and optimizer of one path, ready to step."""
 
     def __init__(self, base_model, config, path, device, batch):
-        from run_exp import make_optimizer, resolve_precision
+        from run_exp import make_grad_scaler, make_optimizer, resolve_precision
 
         self.config = path_config(config, path)
         self.device = device
@@ -305,10 +306,14 @@ class PathRunner:
                               autocast_dtype=resolve_precision(self.config, device))
         learnable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.config, learnable, device)
+        self.scaler = make_grad_scaler(self.config, device)
+        self.learnable = learnable
         # run_exp.py turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
         self.tf32 = True if device.type == "cuda" and self.config.fused else None
 
     def train(self, steps):
+        from run_exp import optimizer_step
+
         source, target, mask = self.batch
         scale = 1.0 / source.shape[0]
         self.step.train()
@@ -316,8 +321,7 @@ class PathRunner:
             for _ in range(steps):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, _, _ = self.step(source, target, mask, scale)
-                loss.backward()
-                self.optimizer.step()
+                optimizer_step(loss, self.optimizer, self.scaler, self.learnable)
 
     @torch.no_grad()
     def evaluate(self, steps):
@@ -460,9 +464,16 @@ def run_benchmark(settings, device, command=None):
     say("matmul rate" + (" (bf16, 8192^3)" if device.type == "cuda" else " (fp32, 2048^3)"))
     rate = matmul_rate(device)
     result["matmul_rate"] = rate
+    result["errors"] = {}
     started = time.perf_counter()
     for name in settings.models:
-        result["models"].append(benchmark_model(name, settings, device, rate["flops_per_second"]))
+        try:
+            result["models"].append(benchmark_model(name, settings, device, rate["flops_per_second"]))
+        except Exception as error:  # one model's failure (say, a kernel this device lacks) keeps the rest
+            result["errors"][name] = _error_text(error)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     result["seconds"] = time.perf_counter() - started
     if device.type != "cuda":
         try:
@@ -514,6 +525,8 @@ def format_table(result):
                      f"({rate['dtype']}, {rate['size']}^3)")
     if settings["reduced"]:
         notes.append("--quick reduced: " + "; ".join(settings["reduced"]))
+    for name, error in (result.get("errors") or {}).items():
+        notes.append(f"{name} failed: {error}")
     return "\n".join([title] + notes + [""] + lines)
 
 
@@ -611,6 +624,8 @@ def gpu_check(args, device):
                         args.steps_per_window, args.warmup, args.quick)
     try:
         report["benchmark"] = run_benchmark(settings, device, args.command)
+        report["errors"].update({f"benchmark of {name}": error
+                                 for name, error in report["benchmark"]["errors"].items()})
         print(format_table(report["benchmark"]), flush=True)
     except Exception as error:  # keep going: the epochs are worth having on their own
         report["errors"]["benchmark"] = _error_text(error)
@@ -726,6 +741,8 @@ def resolve_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BenchmarkError(f"--device {name} asked for CUDA but none is available: use --device cpu")
+        if device.index is None:  # "cuda": the current device, named by its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
@@ -757,7 +774,7 @@ def main(argv=None):
         if args.json:
             write_json(args.json, result)
             say(f"wrote {args.json}")
-        return 0
+        return 1 if result["errors"] else 0
     except BenchmarkError as error:
         print(f"python -m utils.benchmark: error: {error}", file=sys.stderr)
         return 2

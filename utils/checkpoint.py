@@ -5,7 +5,8 @@ A checkpoint is a dict saved with `torch.save` and read back with `weights_only=
     {"format": "wikitext2-lm-checkpoint/1", "config": ExperimentConfig.to_dict(),
      "model_size": {"vocabulary_size", "embedding_size", "sequence_length"},
      "model": state_dict, "optimizer": state_dict or None, "scheduler": state_dict or None,
-     "epoch": finished epochs, "steps": optimizer steps so far, "state": the loop's resumable
+     "grad_scaler": GradScaler state_dict ({} without loss scaling) or None (absent in older
+     files), "epoch": finished epochs, "steps": optimizer steps so far, "state": the loop's resumable
      bookkeeping (JSON-like), "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}}
 
 Whole modules are never pickled: a model is rebuilt from the config and its state_dict loaded.
@@ -79,7 +80,8 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0, steps=0, state=None):
+def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0, steps=0, state=None,
+                    grad_scaler=None):
     """Atomically write a checkpoint of the run to `path`."""
     import io
 
@@ -91,6 +93,8 @@ def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        # Loss scaling's state ({} when scaling is off): a resumed run scales as it would have.
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
         "epoch": epoch,
         "steps": steps,
         "state": state or {},

@@ -16,6 +16,7 @@ Both give the course's loss (per-sequence mean NLL, then mean over sequences) an
 and token count that exact perplexity needs.
 """
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -23,46 +24,68 @@ from torch import nn
 from utils.language_model import token_nll
 
 
+# On CUDA the output matmul's vocabulary is padded to a multiple of this: with V = 40,479 (odd) a
+# row of bf16 logits is 80,958 bytes, a width at which cuBLAS loses its fast tensor-core kernels
+# (a 4096 x 768 x 40,479 product ran at about 94 TFLOP/s on an H200, an eighth of its rate). On
+# the CPU padding gains nothing and would copy the whole fp32 matrix at every call.
+CUDA_VOCABULARY_MULTIPLE = 64
+
+
+def padded_matrix(weight, dtype, multiple):
+    """`weight` `(V, C)` in `dtype`, with zero rows up to V' = a multiple of `multiple`: `(V', C)`."""
+    extra = -weight.shape[0] % multiple
+    matrix = weight.to(dtype)
+    return torch.nn.functional.pad(matrix, (0, 0, 0, extra)) if extra else matrix
+
+
 class ChunkedNLL(torch.autograd.Function):
     """NLL of each row's target under `log_softmax(features @ weight.T)`, a few rows at a time.
 
-    `features` `(N, C)`, `weight` `(V, C)`, `targets` `(N,)` -> `(N,)` fp32. Only a `(rows, V)`
-    block of logits and one of log-probabilities exist at any moment, each one buffer reused by
-    every block (on the CPU a fresh block would be mapped and zeroed by the kernel every time:
-    glibc maps each allocation above 32 MiB). Since row i's NLL depends on row i of `features`
-    alone, the forward pass also stores its gradient `J[i] = (softmax_i - onehot(target_i)) @ weight`
-    `(N, C)`; the backward pass is then `grad_nll[:, None] * J`, with no second matmul. Only when
-    `weight` itself learns does the backward pass recompute the logits, block by block, from the
-    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fast CUDA path);
-    softmax and NLL stay fp32.
+    `features` `(N, C)`, `weight` `(V, C)`, `targets` `(N,)` -> `(N,)` fp32. Only a `(rows, V')`
+    block of logits (then of probabilities, in the same buffer) and one of fp32 log-probabilities
+    exist at any moment, each one buffer reused by every block (on the CPU a fresh block would be
+    mapped and zeroed by the kernel every time: glibc maps each allocation above 32 MiB). V' pads
+    the vocabulary to a multiple of `multiple` (64 on CUDA: see CUDA_VOCABULARY_MULTIPLE); the
+    padded columns' logits are set to -inf, so they take no probability. Since row i's NLL depends
+    on row i of `features` alone, the forward pass also stores its gradient
+
+        J[i] = (softmax_i - onehot(target_i)) @ weight = softmax_i @ weight - weight[target_i]   (N, C)
+
+    and the backward pass is `grad_nll[:, None] * J`, with no second matmul. Only when `weight`
+    itself learns does the backward pass recompute the logits, block by block, from the
+    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fast CUDA path); the
+    log-softmax, the NLL and the log-normalisers are fp32.
     """
 
     @staticmethod
-    def forward(ctx, features, weight, targets, rows, compute_dtype):
-        inputs, matrix = features.to(compute_dtype), weight.to(compute_dtype)
-        count, device = features.shape[0], features.device
+    def forward(ctx, features, weight, targets, rows, compute_dtype, multiple):
+        inputs, matrix = features.to(compute_dtype), padded_matrix(weight, compute_dtype, multiple)  # (N, C), (V', C)
+        count, device, vocabulary = features.shape[0], features.device, weight.shape[0]
         nll = torch.empty(count, dtype=torch.float32, device=device)  # (N,)
         need_jacobian, need_normalisers = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         jacobian = torch.empty(features.shape, dtype=torch.float32, device=device) if need_jacobian else None
         log_normalisers = torch.empty(count, dtype=torch.float32, device=device) if need_normalisers else None
         rows = max(1, min(rows, count))
-        logits = torch.empty((rows, weight.shape[0]), dtype=compute_dtype, device=device)  # (rows, V)
-        log_probas = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=device)  # (rows, V)
+        width = matrix.shape[0]
+        logits = torch.empty((rows, width), dtype=compute_dtype, device=device)  # (rows, V')
+        log_probas = torch.empty((rows, width), dtype=torch.float32, device=device)  # (rows, V')
         for start in range(0, count, rows):
             block = slice(start, start + rows)
             size = min(rows, count - start)
             block_logits, block_log_probas = logits[:size], log_probas[:size]
-            torch.mm(inputs[block], matrix.t(), out=block_logits)  # (size, V)
+            torch.mm(inputs[block], matrix.t(), out=block_logits)  # (size, V')
+            block_logits[:, vocabulary:] = -math.inf  # the padding takes no probability
             torch.log_softmax(block_logits, dim=1, dtype=torch.float32, out=block_log_probas)
             target = targets[block].unsqueeze(1)  # (size, 1)
             nll[block] = -block_log_probas.gather(1, target).squeeze(1)
             if need_normalisers:  # log-sum-exp = logit - log-probability, at the target's column
                 log_normalisers[block] = block_logits.gather(1, target).squeeze(1).float() + nll[block]
             if need_jacobian:
-                probas = block_log_probas.exp_()  # (size, V) softmax
-                probas.scatter_add_(1, target, torch.full_like(target, -1, dtype=probas.dtype))
-                jacobian[block] = (probas.to(compute_dtype) @ matrix).float()  # (size, C)
-        ctx.rows, ctx.compute_dtype = rows, compute_dtype
+                # The probabilities, in compute_dtype for the matmul, overwrite a buffer done with.
+                block_probas = (block_log_probas.exp_() if compute_dtype == torch.float32
+                                else torch.exp(block_log_probas, out=block_logits))  # (size, V')
+                jacobian[block] = (block_probas @ matrix).float() - matrix[targets[block]].float()  # (size, C)
+        ctx.rows, ctx.compute_dtype, ctx.multiple = rows, compute_dtype, multiple
         ctx.save_for_backward(features, weight, targets, log_normalisers, jacobian)
         return nll
 
@@ -73,37 +96,41 @@ class ChunkedNLL(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_features = (grad_nll.unsqueeze(1) * jacobian).to(features.dtype)  # (N, C)
         if ctx.needs_input_grad[1]:
-            inputs, matrix = features.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
+            # grad_weight = (softmax - onehot)^T @ (grad_nll * inputs): the softmax part by a matmul
+            # per block, the onehot part by adding rows at the targets. The padded rows are dropped.
+            inputs, matrix = features.to(ctx.compute_dtype), padded_matrix(weight, ctx.compute_dtype, ctx.multiple)
+            grad_weight = torch.zeros(matrix.shape, dtype=torch.float32, device=weight.device)  # (V', C)
             for start in range(0, features.shape[0], ctx.rows):
                 block = slice(start, start + ctx.rows)
-                logits = (inputs[block] @ matrix.t()).float()  # (rows, V)
-                probas = logits.sub_(log_normalisers[block].unsqueeze(1)).exp_()
-                target = targets[block].unsqueeze(1)
-                probas.scatter_add_(1, target, torch.full_like(target, -1, dtype=probas.dtype))
-                probas.mul_(grad_nll[block].unsqueeze(1))  # (rows, V) gradient of the logits
-                grad_weight += (probas.to(ctx.compute_dtype).t() @ inputs[block]).float()  # (V, C)
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_features, grad_weight, None, None, None
+                weighted = inputs[block] * grad_nll[block].unsqueeze(1).to(ctx.compute_dtype)  # (rows, C)
+                shifted = torch.sub(inputs[block] @ matrix.t(), log_normalisers[block].unsqueeze(1))  # fp32
+                probas = shifted.exp_().to(ctx.compute_dtype)  # (rows, V') softmax
+                grad_weight += (probas.t() @ weighted).float()  # (V', C)
+                grad_weight.index_add_(0, targets[block], weighted.float(), alpha=-1)
+            grad_weight = grad_weight[:weight.shape[0]].to(weight.dtype)
+        return grad_features, grad_weight, None, None, None, None
 
 
-def fused_token_nll(features, weight, targets, block_bytes=None):
+def fused_token_nll(features, weight, targets, block_bytes=None, vocabulary_multiple=None):
     """NLL of each target from the last layer's input: `(B, T, C)`, `(V, C)`, `(B, T)` -> `(B, T)` fp32.
 
     Equal to `token_nll(log_softmax(features @ weight.T), targets)` without the dense `(B, T, V)`
     tensors (see `ChunkedNLL`). Under autocast the matmuls take autocast's dtype. Blocks of fp32
     logits are about `block_bytes` (256 MiB: on the CPU smaller blocks make the matmul slower, see
-    `python -m utils.benchmark`).
+    `python -m utils.benchmark`). The matmul's vocabulary is padded to a multiple of
+    `vocabulary_multiple` (default: 64 on CUDA, none elsewhere).
     """
     batch_size, length, width = features.shape
     device_type = features.device.type
     if block_bytes is None:
         block_bytes = 2 ** 28
+    if vocabulary_multiple is None:
+        vocabulary_multiple = CUDA_VOCABULARY_MULTIPLE if device_type == "cuda" else 1
     rows = max(1, block_bytes // (4 * weight.shape[0]))
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else features.dtype)
     nll = ChunkedNLL.apply(features.reshape(batch_size * length, width), weight,
-                           targets.reshape(-1), rows, compute_dtype)  # (N,)
+                           targets.reshape(-1), rows, compute_dtype, vocabulary_multiple)  # (N,)
     return nll.view(batch_size, length)  # (B, T)
 
 
