@@ -14,24 +14,75 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from utils.embeddings import GPT1Embedding, load_embedding_arrays
 from utils.language_model import LanguageModel
 
 
+class LayerNormFunction(torch.autograd.Function):
+    """Layer normalisation over the last dimension, with its backward pass derived by hand.
+
+    `inputs` `(*, C)`, `weight` `(C,)`, `bias` `(C,)` -> `(*, C)`. Forward, with the biased
+    variance: x^ = (x - mean(x)) * r, r = 1 / sqrt(var(x) + eps), y = x^ * weight + bias. Backward,
+    for g = dL/dy and g^ = g * weight (means over the last dimension):
+
+        dL/dx = r * (g^ - mean(g^) - x^ * mean(g^ * x^)),  dL/dweight = sum(g * x^),  dL/dbias = sum(g)
+
+    It computes what `LayerNorm.explicit` does, in 6 operations forward and 10 backward where
+    autograd through the written-out formula takes 7 and 19, and it keeps only x^ and r for the
+    backward pass. On a GPU, where a transformer layer's time goes mostly on launching small
+    kernels, each operation saved is a launch saved.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, eps):
+        variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each
+        inverse_std = torch.rsqrt(variance + eps)  # (*, 1)
+        normalised = (inputs - mean) * inverse_std  # (*, C)
+        ctx.save_for_backward(normalised, inverse_std, weight)
+        return torch.addcmul(bias, normalised, weight)  # (*, C)
+
+    @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: a second order raises
+    def backward(ctx, grad):
+        normalised, inverse_std, weight = ctx.saved_tensors
+        width = normalised.shape[-1]
+        grad_times_normalised = grad * normalised  # (*, C)
+        grad_weight = grad_times_normalised.reshape(-1, width).sum(0)  # (C,)
+        grad_bias = grad.reshape(-1, width).sum(0)  # (C,)
+        grad_normalised = grad * weight  # (*, C): g^
+        projection = (grad_times_normalised * weight).mean(dim=-1, keepdim=True)  # (*, 1): mean(g^ x^)
+        centred = grad_normalised - grad_normalised.mean(dim=-1, keepdim=True)  # (*, C)
+        grad_inputs = torch.addcmul(centred, normalised, projection, value=-1) * inverse_std  # (*, C)
+        return grad_inputs, grad_weight, grad_bias, None
+
+
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm)."""
+    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm).
+
+    `fused` (default True) makes `forward` use `LayerNormFunction`, the same formula with a
+    hand-derived backward pass; False differentiates the written-out formula of `explicit`
+    through autograd (the benchmark's reference path).
+    """
 
     def __init__(self, hidden_size, eps=1e-5):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.fused = True
         self.weight = nn.Parameter(torch.empty(hidden_size))
         self.bias = nn.Parameter(torch.empty(hidden_size))
         self.reset_parameters()
 
     def forward(self, inputs):
         """`inputs` `(*, hidden_size)` -> same shape, each last-dimension vector normalised."""
+        if self.fused:
+            return LayerNormFunction.apply(inputs, self.weight, self.bias, self.eps)
+        return self.explicit(inputs)
+
+    def explicit(self, inputs):
+        """`forward` written out for autograd: `(*, hidden_size)` -> same shape."""
         variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each, biased
         normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
         return normalised * self.weight + self.bias

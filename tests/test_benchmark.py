@@ -109,6 +109,24 @@ class FlopFormulaTest(unittest.TestCase):
         self.assertEqual(learned["train"] - gpt1["train"], 62_175_744 + 3_538_944)
 
 
+class OpCounterTest(unittest.TestCase):
+    def test_counts_operations_and_skips_views(self):
+        x = torch.randn(4, 6)
+
+        def function():
+            y = (x * 2).view(24).sum() + x.t().mean()  # mul, sum, mean, add; view and t are views
+            y.item()  # the read-back is an operation too
+
+        ops = benchmark.count_ops(function)
+        self.assertEqual(ops["by_op"], {"mul": 1, "sum": 1, "mean": 1, "add": 1, "_local_scalar_dense": 1})
+        self.assertEqual(ops["total"], 5)
+
+    def test_counts_the_backward_pass(self):
+        weight = torch.randn(3, 5, requires_grad=True)
+        ops = benchmark.count_ops(lambda: (torch.randn(2, 5) @ weight.t()).sum().backward())
+        self.assertEqual(ops["by_op"]["mm"], 2)  # the forward product and the weight's gradient
+
+
 class QuickRunTest(unittest.TestCase):
     """A run smaller than --quick completes, prints the table and writes the JSON."""
 
@@ -153,8 +171,14 @@ class QuickRunTest(unittest.TestCase):
                     self.assertGreater(path[key], 0, key)
                 self.assertIn("steady_mb", path["memory"])
                 self.assertIn("peak_mb", path["memory"])
+                ops = path["train_ops_per_step"]
+                self.assertGreater(ops["total"], 0)
+                self.assertEqual(sum(ops["by_op"].values()), ops["total"])
+                self.assertIn("mm" if model["kind"] == "lstm" else "addmm", ops["by_op"])  # the matmuls run
             self.assertEqual(set(model["speedup"]), {"train", "eval"})
             self.assertEqual(set(model["speedup_paired"]), {"train", "eval"})
+            self.assertAlmostEqual(model["ops_ratio"], model["paths"]["fast"]["train_ops_per_step"]["total"]
+                                   / model["paths"]["reference"]["train_ops_per_step"]["total"])
             self.assertGreater(model["flops_per_token"]["train"], model["flops_per_token"]["forward"])
             self.assertLess(model["parameters"]["learnable"], model["parameters"]["total"])  # frozen
 
@@ -163,7 +187,7 @@ class QuickRunTest(unittest.TestCase):
         header = next(index for index, line in enumerate(lines) if line.startswith("model"))
         table = lines[header:]
         self.assertEqual(len(table), 2 + 3 * len(benchmark.QUICK_MODELS))  # header, rule, 3 rows a model
-        for column in ("train tok/s", "eval tok/s", "peak MiB"):  # right-aligned under the header
+        for column in ("train tok/s", "eval tok/s", "peak MiB", "ops/step"):  # right-aligned under the header
             end = table[0].index(column) + len(column)
             for line in table[2:]:
                 self.assertEqual(len(line[:end].rstrip()), end, f"{column!r} not aligned in {line!r}")

@@ -18,7 +18,7 @@ import run_exp
 from gpt1_solution_template import MultiHeadedAttention
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 from utils.config import resolve_config
-from utils.fast_path import BatchLoss, fused_token_nll, set_fused_attention
+from utils.fast_path import BatchLoss, fused_token_nll, set_fused_kernels
 from utils.language_model import token_nll
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -107,12 +107,13 @@ class PathEquivalenceTest(unittest.TestCase):
                 assert_close(self, fast.model.predict(source), plain.model.predict(source),
                              f"{type(model).__name__} log-probabilities")
 
-    def test_attention_flag_follows_the_path(self):
+    def test_kernel_flags_follow_the_path(self):
         model = tiny_gpt()
+        flagged = [module for layer in model.layers for module in (layer.attention, layer.norm1, layer.norm2)]
         BatchLoss(model, fused=False)
-        self.assertEqual({layer.attention.fused for layer in model.layers}, {False})
+        self.assertEqual({module.fused for module in flagged}, {False})
         BatchLoss(model, fused=True)
-        self.assertEqual({layer.attention.fused for layer in model.layers}, {True})
+        self.assertEqual({module.fused for module in flagged}, {True})
 
 
 def check_close_to_fp32(test, device):
@@ -290,7 +291,7 @@ class FusedAttentionTest(unittest.TestCase):
                 outputs, grads = {}, {}
                 for fused in (False, True):
                     module = copy.deepcopy(attention)
-                    set_fused_attention(module, fused)
+                    set_fused_kernels(module, fused)
                     self.assertEqual(module.fused, fused)
                     x = inputs.clone().requires_grad_()
                     outputs[fused] = module(x)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt1_solution_template import Block, LayerNorm, MiniGPT1, MultiHeadedAttention
+from gpt1_solution_template import Block, LayerNorm, LayerNormFunction, MiniGPT1, MultiHeadedAttention
 from lstm_solution import LSTM
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 
@@ -77,7 +77,49 @@ class LayerNormTest(unittest.TestCase):
             norm.bias.normal_()
         inputs = torch.randn(3, 5, 7, 11) * 4 + 2
         expected = F.layer_norm(inputs, (11,), norm.weight, norm.bias, eps=1e-5)
-        torch.testing.assert_close(norm(inputs), expected, rtol=1e-5, atol=1e-5)
+        for fused in (True, False):  # the hand-derived backward's forward, and the explicit formula
+            norm.fused = fused
+            torch.testing.assert_close(norm(inputs), expected, rtol=1e-5, atol=1e-5, msg=f"fused={fused}")
+
+    def test_gradients_match_functional_layer_norm(self):
+        torch.manual_seed(2)
+        weight, bias = torch.randn(11), torch.randn(11)
+        inputs = torch.randn(3, 5, 11) * 3 - 1
+        upstream = torch.randn(3, 5, 11)  # a loss whose gradient is not constant along the vector
+
+        def gradients(run):
+            leaves = [tensor.clone().requires_grad_() for tensor in (inputs, weight, bias)]
+            (run(*leaves) * upstream).sum().backward()
+            return [leaf.grad for leaf in leaves]
+
+        expected = gradients(lambda x, w, b: F.layer_norm(x, (11,), w, b, eps=1e-5))
+        actual = gradients(lambda x, w, b: LayerNormFunction.apply(x, w, b, 1e-5))
+        for name, got, want in zip(("inputs", "weight", "bias"), actual, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+    def test_hand_derived_backward_by_finite_differences(self):
+        torch.manual_seed(3)
+        leaves = [torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True),
+                  torch.randn(6, dtype=torch.float64, requires_grad=True),
+                  torch.randn(6, dtype=torch.float64, requires_grad=True)]
+        self.assertTrue(torch.autograd.gradcheck(lambda x, w, b: LayerNormFunction.apply(x, w, b, 1e-5), leaves))
+
+    def test_both_paths_give_the_same_module_gradients(self):
+        torch.manual_seed(4)
+        inputs, upstream = torch.randn(4, 9, 16) * 2 + 1, torch.randn(4, 9, 16)
+        grads = {}
+        for fused in (True, False):
+            torch.manual_seed(5)
+            norm = LayerNorm(16)
+            with torch.no_grad():
+                norm.weight.normal_()
+                norm.bias.normal_()
+            norm.fused = fused
+            x = inputs.clone().requires_grad_()
+            (norm(x) * upstream).sum().backward()
+            grads[fused] = (x.grad, norm.weight.grad, norm.bias.grad)
+        for name, fast, plain in zip(("inputs", "weight", "bias"), grads[True], grads[False]):
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5, msg=name)
 
     def test_reset_parameters(self):
         norm = LayerNorm(5)
@@ -370,7 +412,10 @@ class ForbiddenFunctionTest(unittest.TestCase):
         for patch in patches:
             patch.start()
         try:
-            LayerNorm(8)(torch.randn(2, 8))
+            norm = LayerNorm(8)
+            for fused in (True, False):
+                norm.fused = fused
+                norm(torch.randn(2, 8, requires_grad=True)).sum().backward()
             attention = MultiHeadedAttention(4, 2, 6)
             for fused in (True, False):
                 attention.fused = fused

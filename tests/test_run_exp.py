@@ -118,6 +118,30 @@ class BatchIndicesTest(unittest.TestCase):
         self.assertEqual(run_exp.shares_on_device([], torch.device("cpu")), [])
 
 
+class OptimizerTest(unittest.TestCase):
+    """The fast path takes PyTorch's fused optimizers, on the CPU too, and they step as the plain ones."""
+
+    def test_fused_on_the_fast_path_only_and_equal_steps(self):
+        device = torch.device("cpu")
+        for name in ("adam", "adamw", "sgd", "momentum"):
+            with self.subTest(optimizer=name):
+                weights = {}
+                for fused in (True, False):
+                    config = EXPERIMENTS["2"].replace(optimizer=name, fused=fused, lr=0.01)
+                    torch.manual_seed(0)
+                    parameter = torch.nn.Parameter(torch.randn(5, 7))
+                    start = parameter.detach().clone()
+                    optimizer = run_exp.make_optimizer(config, [parameter], device)
+                    self.assertEqual(bool(optimizer.defaults.get("fused")), fused)
+                    for step in range(3):
+                        optimizer.zero_grad()
+                        (parameter * torch.linspace(-1, 2, 7) * (step + 1)).square().sum().backward()
+                        optimizer.step()
+                    weights[fused] = parameter.detach()
+                    self.assertGreater((weights[fused] - start).abs().max().item(), 1e-3)  # it moved
+                torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+
+
 class SmokeRunTest(TinyRunCase):
     def check_run(self, model):
         code, out, err = run_main(*self.args("smoke_" + model, model))

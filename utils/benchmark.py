@@ -11,10 +11,11 @@ embeddings (random here: their values do not change the speed), two paths are me
 same process on the same weights and batch of random token ids:
 
 - reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
-  `apply_attention`, dense log-probabilities `(B, T, V)`, PyTorch's default AdamW;
+  `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
+  default AdamW;
 - fast: what `run_exp.py` does by default: `BatchLoss(fused=True)` (scaled-dot-product attention,
-  the chunked NLL), bf16 autocast with dynamic loss scaling, TF32 and the fused AdamW on CUDA;
-  fp32 on the CPU.
+  layer norms with a hand-derived backward, the chunked NLL) and the fused AdamW; on CUDA also bf16
+  autocast with dynamic loss scaling and TF32; fp32 on the CPU.
 
 How each path is measured:
 
@@ -26,6 +27,9 @@ How each path is measured:
                    tokens/s = B * T * steps / seconds of a window; the median window is reported
 
 Training is forward + backward + AdamW step; evaluation is a forward pass under `torch.no_grad()`.
+ops/step: the ATen operations (views excluded) of one more training step after the warm-up,
+counted by `OpCounter`; on a GPU each is about one kernel launch, which is what bounds MiniGPT1's
+small steps there. The ratio row gives fast / reference for it too.
 Memory: on CUDA the caching allocator's reserved bytes after the warm-up training steps ("steady")
 and its peak reserved bytes over training and evaluation ("peak"); on the CPU the process's
 resident set (RSS) after the warm-up steps and its high-water mark, both less the RSS before the
@@ -42,6 +46,7 @@ each model's FLOPs per second are given as a fraction of it; on the CPU the frac
 matmul rate (2048^3), which a shared CPU makes a rough figure.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import ctypes
@@ -59,6 +64,7 @@ import traceback
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.checkpoint import build_model
 from utils.config import resolve_config
@@ -199,6 +205,31 @@ def timed(device, function):
     function()
     synchronize(device)
     return time.perf_counter() - start
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that run while it is active, views excluded.
+
+    On a GPU nearly every such operation is one kernel launch, and eager PyTorch spends some
+    microseconds of host time on each: a training step of many small operations is bound by the
+    host, not by the card. The count is the same on every device, so the CPU shows it too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten" and not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(function):
+    """`{"total", "by_op"}`: the ATen operations (not views) that one call of `function` runs."""
+    with OpCounter() as counter:
+        function()
+    return {"total": sum(counter.counts.values()), "by_op": dict(counter.counts.most_common())}
 
 
 def _proc_status_mb(field):
@@ -384,6 +415,10 @@ def benchmark_model(name, settings, device, rate=None):
             runners[path] = PathRunner(base, config, path, device, batch)
             runners[path].train(1)
             runners[path].evaluate(1)
+        try:  # one more training step, its operations counted (a diagnostic: never fatal)
+            result["paths"][path]["train_ops_per_step"] = count_ops(lambda: runners[path].train(1))
+        except Exception as error:
+            result["paths"][path]["train_ops_per_step"] = {"total": None, "error": _error_text(error)}
     seconds = {path: {"train": [], "eval": []} for path in PATHS}
     for phase in ("train", "eval"):
         for window in range(settings.windows):
@@ -411,6 +446,7 @@ def benchmark_model(name, settings, device, rate=None):
         r / f for r, f in zip(seconds["reference"][phase], seconds["fast"][phase])) for phase in ("train", "eval")}
     result["memory_ratio"] = {key: _ratio(fast["memory"].get(key), reference["memory"].get(key))
                               for key in ("steady_mb", "peak_mb")}
+    result["ops_ratio"] = _ratio(fast["train_ops_per_step"]["total"], reference["train_ops_per_step"]["total"])
     return result
 
 
@@ -494,7 +530,7 @@ def format_table(result):
     rate = result.get("matmul_rate") or {}
     fraction_header = f"% {rate.get('dtype', '')} mm".strip()
     header = ("model", "path", "train tok/s", "eval tok/s", "steady MiB", "peak MiB",
-              "train GF/tok", fraction_header)
+              "ops/step", "train GF/tok", fraction_header)
     rows = []
     for model in result["models"]:
         for path in PATHS:
@@ -503,12 +539,13 @@ def format_table(result):
             rows.append((model["model"], f"{path} ({entry['precision']})",
                          _number(entry["train_tokens_per_second"]), _number(entry["eval_tokens_per_second"]),
                          _number(memory.get("steady_mb")), _number(memory.get("peak_mb")),
+                         _number((entry.get("train_ops_per_step") or {}).get("total")),
                          _number(model["flops_per_token"]["train"] / 1e9, 3),
                          _number(100 * entry["matmul_fraction"], 1) if "matmul_fraction" in entry else "-"))
         rows.append((model["model"], "fast / reference", _number(model["speedup"]["train"], 2, "x"),
                      _number(model["speedup"]["eval"], 2, "x"),
                      _number(model["memory_ratio"]["steady_mb"], 2), _number(model["memory_ratio"]["peak_mb"], 2),
-                     "", ""))
+                     _number(model.get("ops_ratio"), 2), "", ""))
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(widths[i]) if i < 2 else str(cell).rjust(widths[i])
                        for i, cell in enumerate(row)).rstrip() for row in [header] + rows]

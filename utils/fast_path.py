@@ -6,8 +6,10 @@ Legend: B batch, T time, C channels, V vocabulary, N = B * T.
 what the training loop calls and what DistributedDataParallel / torch.compile wrap:
 
 - plain ("reference") path: `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
-  with attention through `get_attention_weights` / `apply_attention`, all in fp32;
-- fast path (`fused=True`): scaled-dot-product attention, and the NLL computed from the features
+  with attention through `get_attention_weights` / `apply_attention` and layer norms differentiated
+  by autograd through their written-out formula, all in fp32;
+- fast path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
+  backward pass (`LayerNormFunction`), and the NLL computed from the features
   `(B, T, C)` and the tied output weight `(V, C)` by `fused_token_nll`, which never builds the
   dense log-probabilities; with `autocast_dtype=torch.bfloat16` (CUDA) the matmuls run in bf16
   while the log-sum-exp and the loss stay in fp32.
@@ -134,10 +136,10 @@ def fused_token_nll(features, weight, targets, block_bytes=None, vocabulary_mult
     return nll.view(batch_size, length)  # (B, T)
 
 
-def set_fused_attention(model, enabled):
-    """Switch every attention module of `model` between the fused kernel and the explicit path."""
+def set_fused_kernels(model, enabled):
+    """Switch every module of `model` that has a `fused` flag (MiniGPT1's attention and layer norms)."""
     for module in model.modules():
-        if hasattr(module, "fused") and hasattr(module, "get_attention_weights"):
+        if isinstance(getattr(module, "fused", None), bool):
             module.fused = enabled
 
 
@@ -156,7 +158,7 @@ class BatchLoss(nn.Module):
         self.model = model
         self.fused = fused
         self.autocast_dtype = autocast_dtype
-        set_fused_attention(model, fused)
+        set_fused_kernels(model, fused)
 
     def token_nll(self, source, target):
         """Per-token NLL `(B, T)` in fp32 by the chosen path."""
