@@ -131,7 +131,7 @@ def make_model(config):
                        tokens_weight=tokens, position_weight=position)
 
 
-def make_optimizer(config, parameters, device):
+def make_optimizer(config, parameters):
     """The optimizer named by `config.optimizer` (see the table in README.md).
 
     On the fast path it is PyTorch's fused kernel, on the CPU too: one kernel for all the
@@ -487,7 +487,7 @@ def run_experiment(config, options=None):
         step = torch.nn.parallel.DistributedDataParallel(
             step, device_ids=[device.index] if device.type == "cuda" else None)
     learnable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, learnable, device)
+    optimizer = make_optimizer(config, learnable)
     scaler = make_grad_scaler(config, device)
     steps_per_epoch = math.ceil(len(data["train"]["source"]) / config.batch_size)
     if config.limit_batches:

@@ -201,7 +201,7 @@ class CudaPathTest(unittest.TestCase):
             model = make_model(learn_embeddings=True).to(device)
             step = BatchLoss(model, fused=True, autocast_dtype=torch.bfloat16)
             learnable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = run_exp.make_optimizer(config, learnable, device)
+            optimizer = run_exp.make_optimizer(config, learnable)
             scaler = run_exp.make_grad_scaler(config, device)
             for index in range(3):  # the first step creates the optimizer's and scaler's state
                 if index == 2:

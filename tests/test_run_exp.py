@@ -122,7 +122,6 @@ class OptimizerTest(unittest.TestCase):
     """The fast path takes PyTorch's fused optimizers, on the CPU too, and they step as the plain ones."""
 
     def test_fused_on_the_fast_path_only_and_equal_steps(self):
-        device = torch.device("cpu")
         for name in ("adam", "adamw", "sgd", "momentum"):
             with self.subTest(optimizer=name):
                 weights = {}
@@ -131,7 +130,7 @@ class OptimizerTest(unittest.TestCase):
                     torch.manual_seed(0)
                     parameter = torch.nn.Parameter(torch.randn(5, 7))
                     start = parameter.detach().clone()
-                    optimizer = run_exp.make_optimizer(config, [parameter], device)
+                    optimizer = run_exp.make_optimizer(config, [parameter])
                     self.assertEqual(bool(optimizer.defaults.get("fused")), fused)
                     for step in range(3):
                         optimizer.zero_grad()

@@ -13,8 +13,8 @@ same process on the same weights and batch of random token ids:
 - reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
   `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
   default AdamW;
-- fast: what `run_exp.py` does by default: `BatchLoss(fused=True)` (scaled-dot-product attention,
-  layer norms with a hand-derived backward, the chunked NLL) and the fused AdamW; on CUDA also bf16
+- fast: what `run_exp.py` does by default: `BatchLoss(fused=True)` (scaled-dot-product attention
+  after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked NLL) and the fused AdamW; on CUDA also bf16
   autocast with dynamic loss scaling and TF32; fp32 on the CPU.
 
 How each path is measured:
@@ -336,7 +336,7 @@ class PathRunner:
         self.step = BatchLoss(self.model, fused=self.config.fused,
                               autocast_dtype=resolve_precision(self.config, device))
         learnable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.config, learnable, device)
+        self.optimizer = make_optimizer(self.config, learnable)
         self.scaler = make_grad_scaler(self.config, device)
         self.learnable = learnable
         # run_exp.py turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
