@@ -51,6 +51,7 @@ import contextlib
 import copy
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import math
@@ -416,7 +417,7 @@ def benchmark_model(name, settings, device, rate=None):
             runners[path].train(1)
             runners[path].evaluate(1)
         try:  # one more training step, its operations counted (a diagnostic: never fatal)
-            result["paths"][path]["train_ops_per_step"] = count_ops(lambda: runners[path].train(1))
+            result["paths"][path]["train_ops_per_step"] = count_ops(functools.partial(runners[path].train, 1))
         except Exception as error:
             result["paths"][path]["train_ops_per_step"] = {"total": None, "error": _error_text(error)}
     seconds = {path: {"train": [], "eval": []} for path in PATHS}
