@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils import benchmark
-from utils.checkpoint import build_model
+from utils.models import build_model
 from utils.config import resolve_config
 from utils.fast_path import BatchLoss
 
@@ -229,10 +229,8 @@ class GpuCheckDryRunTest(unittest.TestCase):
             self.assertGreater(run["train_seconds"], 0)
             self.assertEqual(run["train_tokens"] > 0, True)
             self.assertIsNotNone(run["valid_ppl"])
-        targets = {item["target"]: item for item in report["targets"]}
-        self.assertIn("config 6: one training epoch <= 3.0 s", targets)
-        self.assertIn("the whole check <= 480 s", targets)
-        self.assertIn("gpt1: fast train >= 4.0x reference", targets)
+        self.assertNotIn("targets", report)  # figures and ratios, no pass/fail against an issue
+        self.assertIsNotNone(report["benchmark"]["models"][0]["speedup"]["train"])
         self.assertGreater(report["gpu_check"]["seconds"], 0)
         self.assertIn("dry run", err)
         self.assertIn("config 6 (gpt1 x1", out)
@@ -259,11 +257,8 @@ class GpuCheckDryRunTest(unittest.TestCase):
         self.assertEqual(report["errors"], {"benchmark": "RuntimeError: no kernel",
                                             "epoch 2": "RuntimeError: CUDA error: an illegal memory access"})
         self.assertEqual(report["epochs"]["6"]["train_seconds"], 2.0)
-        met = {item["target"]: item["met"] for item in report["targets"]}
-        self.assertEqual(set(met), {"config 6: one training epoch <= 3.0 s",
-                                    "config 2: one training epoch <= 6.0 s", "the whole check <= 480 s"})
-        self.assertEqual(met["config 6: one training epoch <= 3.0 s"], True)  # from the figures given
-        self.assertIsNone(met["config 2: one training epoch <= 6.0 s"])  # failed: not measured
+        self.assertNotIn("2", report["epochs"])  # failed: no figures
+        self.assertIn("config 6 (gpt1 x1, embeddings learned): one epoch 2.0 s train", out)
         self.assertIn("error in epoch 2", out)
 
 
@@ -289,27 +284,6 @@ class ModelFailureTest(unittest.TestCase):
         self.assertEqual(result["errors"], {"lstm1": "RuntimeError: cuDNN RNN: no kernel for this dtype"})
         self.assertIn("lstm1 failed: RuntimeError", out)
         self.assertRegex(out, r"\ngpt1 +fast / reference")
-
-
-class TargetsTest(unittest.TestCase):
-    def test_check_targets(self):
-        def model(name, kind, speedup, fraction, steady, reference_steady):
-            return {"model": name, "kind": kind, "speedup": {"train": speedup, "eval": speedup},
-                    "memory_ratio": {"steady_mb": steady / reference_steady, "peak_mb": None},
-                    "paths": {"fast": {"matmul_fraction": fraction, "memory": {"steady_mb": steady}}}}
-
-        report = {"benchmark": {"models": [model("gpt1", "gpt1", 5.0, 0.2, 1000.0, 2000.0),
-                                           model("lstm1", "lstm", 1.5, 0.1, 500.0, 1000.0)]},
-                  "epochs": {"6": {"train_seconds": 2.5}}}
-        met = {item["target"]: item["met"] for item in benchmark.check_targets(report)}
-        self.assertEqual(met["gpt1: fast train >= 4.0x reference"], True)
-        self.assertEqual(met["gpt1: fast train >= 30% of the bf16 matmul rate"], False)
-        self.assertEqual(met["lstm1: fast train >= 2.0x reference"], False)
-        self.assertEqual(met["gpt1: fast steady memory <= 60% of reference"], True)
-        self.assertEqual(met["lstm1: fast steady memory < 3072 MiB"], True)
-        self.assertEqual(met["config 6: one training epoch <= 3.0 s"], True)
-        self.assertIsNone(met["config 2: one training epoch <= 6.0 s"])  # not measured
-        self.assertIsNone(met["the whole check <= 480 s"])
 
 
 class CommandLineTest(unittest.TestCase):

@@ -14,10 +14,10 @@ import unittest
 
 import torch
 
-import run_exp
 from gpt1_solution_template import MultiHeadedAttention
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 from utils.config import resolve_config
+from utils import training
 from utils.fast_path import BatchLoss, fused_token_nll, set_fused_kernels
 from utils.language_model import token_nll
 
@@ -190,7 +190,7 @@ class CudaPathTest(unittest.TestCase):
 
     def test_run_exp_names_the_gpu_by_its_index(self):
         for name in (None, "cuda"):  # the default, and --device cuda
-            self.assertEqual(run_exp.Processes(name).device, torch.device("cuda", torch.cuda.current_device()))
+            self.assertEqual(training.Processes(name).device, torch.device("cuda", torch.cuda.current_device()))
 
     def test_a_training_step_never_waits_for_the_gpu(self):
         """No host-device sync in the fast path's step: forward, scaled backward, fused AdamW."""
@@ -201,15 +201,15 @@ class CudaPathTest(unittest.TestCase):
             model = make_model(learn_embeddings=True).to(device)
             step = BatchLoss(model, fused=True, autocast_dtype=torch.bfloat16)
             learnable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = run_exp.make_optimizer(config, learnable)
-            scaler = run_exp.make_grad_scaler(config, device)
+            optimizer = training.make_optimizer(config, learnable)
+            scaler = training.make_grad_scaler(config, device)
             for index in range(3):  # the first step creates the optimizer's and scaler's state
                 if index == 2:
                     torch.cuda.set_sync_debug_mode("error")
                 try:
                     optimizer.zero_grad(set_to_none=True)
                     loss, _, _ = step(source, target, mask, 0.25)
-                    run_exp.optimizer_step(loss, optimizer, scaler, learnable)
+                    training.optimizer_step(loss, optimizer, scaler, learnable)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
 

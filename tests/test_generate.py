@@ -17,11 +17,12 @@ from unittest import mock
 import numpy as np
 import torch
 
-from utils.checkpoint import build_model, save_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.config import resolve_config
-from utils.generate import choose_next, generate, main, score
-from utils.prepare_data import DownloadError
-from utils.tokenization import GPT1Tokenizer
+from utils.download import DownloadError
+from utils.generate import _parser, choose_next, generate, main, score
+from utils.models import build_model
+from utils.tokenization import TOKENIZER_FILES, GPT1Tokenizer
 from utils.wikitext2 import Wikitext2
 
 SEQUENCE_LENGTH = 16
@@ -265,6 +266,16 @@ class TestScore(TinyCheckpoints):
         self.assertIn(f"tokens {len(ids) - 1} ", out)
 
 
+class TestCommandLine(unittest.TestCase):
+    def test_help_shows_each_default_once(self):
+        text = " ".join(_parser().format_help().split())
+        for shown in ("tokens to add (default: 100)", "0 is greedy (default: 0.8)",
+                      "the K best tokens (default: 40)", "in (0, 1] (default: off)",
+                      "continuations to write (default: 1)", "seed of the sampling (default: random)"):
+            self.assertIn(shown, text)
+        self.assertNotRegex(text, r"default[^()]*\)[^-]*\(default")
+
+
 class TestRoundTrip(unittest.TestCase):
     def test_real_tokenizer_round_trip(self):
         shared = os.environ.get("SHARED_DATA_DIR")
@@ -291,11 +302,14 @@ class TestRoundTrip(unittest.TestCase):
 
 
 class TestBadInput(TinyCheckpoints):
-    def assert_one_line_error(self, argv, *words):
+    # Bad flags are argparse's errors, which name the program (utils.cli.OneLineParser).
+    PARSER_ERRORS = ("not a number", "no checkpoint flag")
+
+    def assert_one_line_error(self, argv, *words, prefix="error: "):
         code, out, err = run_main(argv)
         self.assertEqual(code, 2, f"argv {argv} gave code {code}: {err}")
         self.assertEqual(out, "")
-        self.assertTrue(err.startswith("error: "), err)
+        self.assertTrue(err.startswith(prefix), err)
         self.assertEqual(err.count("\n"), 1, f"not one line: {err!r}")
         self.assertNotIn("Traceback", err)
         for word in words:
@@ -330,10 +344,32 @@ class TestBadInput(TinyCheckpoints):
             "no checkpoint flag": (["--prompt", "the"], ["--checkpoint"]),
             "score too short": (["--checkpoint", checkpoint, "--score", "the"], ["at least 2"]),
             "bad device": (["--checkpoint", checkpoint, "--prompt", "the", "--device", "tpu9"], ["--device"]),
+            "unsupported device": (["--checkpoint", checkpoint, "--prompt", "the", "--device", "meta"],
+                                   ["--device 'meta'", "cpu, cuda or cuda:N"]),
         }
         for name, (argv, words) in cases.items():
             with self.subTest(name):
-                self.assert_one_line_error(argv, *words)
+                prefix = "python -m utils.generate: error: " if name in self.PARSER_ERRORS else "error: "
+                self.assert_one_line_error(argv, *words, prefix=prefix)
+
+    def test_cuda_asked_for_where_there_is_none(self):
+        with mock.patch("torch.cuda.is_available", return_value=False):
+            self.assert_one_line_error(["--checkpoint", self.checkpoints["lstm"], "--prompt", "the",
+                                        "--device", "cuda"], "--device cuda", "--device cpu")
+
+    def test_missing_tokenizer_is_fetched_from_its_pinned_files(self):
+        empty = tempfile.mkdtemp(dir=self.folder)
+
+        def fetch_file(remote, folder):
+            shutil.copy(os.path.join(self.folder, remote.name), folder)
+
+        with mock.patch("utils.generate.fetch_file", side_effect=fetch_file) as fetched:
+            code, out, err = run_main(["--checkpoint", self.checkpoints["lstm"], "--prompt", "the",
+                                       "--temperature", "0", "--max_new_tokens", "3",
+                                       "--data_folder", empty])
+        self.assertEqual(code, 0, err)
+        self.assertEqual([call.args for call in fetched.call_args_list],
+                         [(remote, empty) for remote in TOKENIZER_FILES])
 
     def test_missing_tokenizer_that_cannot_be_fetched(self):
         empty = tempfile.mkdtemp(dir=self.folder)

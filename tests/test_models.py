@@ -378,7 +378,7 @@ class InitialLossTest(unittest.TestCase):
     """Built as the package builds them for --embeddings none, both start near ln V."""
 
     def test_loss_at_initialisation(self):
-        from utils.checkpoint import build_model
+        from utils.models import build_model
         from utils.config import resolve_config
 
         vocabulary = 500

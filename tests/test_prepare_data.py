@@ -1,30 +1,21 @@
-"""Tests of utils.prepare_data, all offline: an HTTP server on 127.0.0.1 serves fixture files
-(a tiny WikiText-2 raw zip, a tiny tokenizer, a tiny safetensors checkpoint) well or badly.
-
-Server paths are /MODE/NAME; MODE says how it answers:
-
-    ok         the file, honouring Range (206)       norange    the whole file, Range ignored
-    404, 500   that status                           flaky      500 the first time, then ok
-    truncated  half the body, always (no Range)      badsum     the file with one byte changed
-    drop       half the body, then the connection closes, the first time; ok (with Range) after
-    hang       nothing for 1 s (the client's timeout is shorter)
+"""Tests of utils.prepare_data, all offline: the loopback HTTP server of tests/test_download.py
+(its docstring lists how it can answer) serves a tiny WikiText-2 raw zip, a tiny tokenizer and a
+tiny safetensors checkpoint. How each download fails or resumes is tested there; here, what
+data preparation makes of it.
 
 Tests that read the course's official arrays find them through $SHARED_DATA_DIR and are
 skipped, saying so, when it is not set.
 """
 import contextlib
 import dataclasses
-import hashlib
-import http.server
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import unittest
 import zipfile
 from unittest import mock
@@ -32,13 +23,13 @@ from unittest import mock
 import numpy as np
 from safetensors.numpy import save_file
 
+from tests.test_download import FAST, UNREACHABLE, FixtureServer, sha256
 from tests.test_tokenization import write_tiny_tokenizer
 from utils import prepare_data as pd
+from utils.download import RemoteFile
 from utils.tokenization import GPT1Tokenizer
 
 SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR")
-FAST = pd.DownloadPolicy(retries=2, backoff_s=0.01, timeout_s=2.0, chunk_bytes=64 * 1024)
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 RAW_TEXT = {
     "train": " \n = Valkyria = \n \n The cat sat on the mat . \n Café , the end ! \n \n",
     "validation": " \n = Heading = \n \n The cat . \n",
@@ -48,10 +39,6 @@ MEMBERS = {"train": "wikitext-2-raw/wiki.train.raw", "validation": "wikitext-2-r
            "test": "wikitext-2-raw/wiki.test.raw"}
 WIDTH = 4
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_fixture_files(folder):
@@ -80,7 +67,7 @@ def fixture_sources(files, base, modes=None):
     modes = modes or {}
 
     def remote(name):
-        return pd.RemoteFile(name, f"{base}/{modes.get(name, 'ok')}/{name}", sha256(files[name]),
+        return RemoteFile(name, f"{base}/{modes.get(name, 'ok')}/{name}", sha256(files[name]),
                              len(files[name]))
 
     zip_text = pd.ZipText(remote("wikitext-2-raw-v1.zip"), MEMBERS)
@@ -101,86 +88,6 @@ def unreachable_default_sources():
     default = pd.DEFAULT_SOURCES
     return dataclasses.replace(default, wikitext=wikitext, vocab=move(default.vocab),
                                merges=move(default.merges), checkpoint=move(default.checkpoint))
-
-
-class FixtureServer:
-    """Serves `files` on 127.0.0.1 in the modes of the module docstring; logs every request."""
-
-    def __init__(self, files):
-        self.files = files
-        self.log = []  # (mode, name, Range header or None, bytes of body sent)
-        self.seen = set()  # (mode, name) pairs already answered once
-        self.lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"fixture": self})
-        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def first_time(self, mode, name):
-        with self.lock:
-            first = (mode, name) not in self.seen
-            self.seen.add((mode, name))
-            return first
-
-    def requests(self, mode, name):
-        return [entry for entry in self.log if entry[:2] == (mode, name)]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    """A threaded server that takes clients hanging up (timeouts, Ctrl-C tests) in its stride."""
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    fixture = None
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):
-        _, mode, name = self.path.split("/", 2)
-        range_header = self.headers.get("Range")
-        code, headers, payload = self.answer(mode, name, self.fixture.files.get(name), range_header)
-        # Logged before sending, so that a client that has its answer finds it in the log.
-        self.fixture.log.append((mode, name, range_header, len(payload)))
-        if mode == "hang":
-            time.sleep(1.0)
-        self.send_response(code)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def answer(self, mode, name, data, range_header):
-        """(status, headers, body) for `mode`; a body shorter than its Content-Length is cut."""
-        first = self.fixture.first_time(mode, name)
-        if data is None or mode == "404":
-            return 404, {"Content-Length": "0"}, b""
-        if mode in ("500", "hang") or (mode == "flaky" and first):
-            return 500, {"Content-Length": "0"}, b""
-        if mode == "badsum":
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {"Content-Length": str(len(data)), "Accept-Ranges": "bytes"}
-        if mode == "truncated" or (mode == "drop" and first):
-            return 200, headers, data[:len(data) // 2]
-        if range_header and mode in ("ok", "drop", "flaky"):
-            start, end = range_header.split("=")[1].split("-")
-            start, end = int(start), int(end) + 1 if end else len(data)
-            if start >= len(data):
-                return 416, {"Content-Length": "0"}, b""
-            headers = {"Content-Length": str(end - start),
-                       "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
-            return 206, headers, data[start:end]
-        return 200, headers, data
 
 
 class LoopbackCase(unittest.TestCase):
@@ -217,7 +124,7 @@ class LoopbackCase(unittest.TestCase):
         return pd.prepare_data(self.data, **options)
 
     def remote(self, name, mode):
-        return pd.RemoteFile(name, f"{self.server.base}/{mode}/{name}", sha256(self.files[name]),
+        return RemoteFile(name, f"{self.server.base}/{mode}/{name}", sha256(self.files[name]),
                              len(self.files[name]))
 
     def assert_splits_built(self, folder):
@@ -255,6 +162,10 @@ class EndToEndTest(LoopbackCase):
                 self.assertEqual(file.read(), self.files[name])
         # Fixture text is not the course's: verification runs and says so.
         self.assertEqual({entry["status"] for entry in report["verify"].values()}, {"mismatch"})
+        # The checkpoint's tensors came by ranges, and no partial download was left behind.
+        requests = self.server.requests("ok", "model.safetensors")
+        self.assertTrue(requests and all(entry[2] for entry in requests), requests)
+        self.assertEqual(os.listdir(os.path.join(self.data, "sources")), ["wikitext-2-raw-v1.zip"])
 
     def test_run_exp_trains_on_what_was_built(self):
         import run_exp
@@ -281,24 +192,6 @@ class EndToEndTest(LoopbackCase):
         # " = Robert = " and " the the cat ", looked up by hand in the fixture vocabulary.
         pieces = ["=</w>", "r", "o", "b", "e", "r", "t</w>", "=</w>", "the</w>", "the</w>", "cat</w>"]
         self.assertEqual(tokens, [self.vocab[piece] + 1 for piece in pieces])
-
-    def test_checkpoint_fetched_by_ranges_only(self):
-        self.prepare()
-        requests = self.server.requests("ok", "model.safetensors")
-        self.assertTrue(requests and all(entry[2] for entry in requests), requests)
-        served = sum(entry[3] for entry in requests)
-        wanted = self.arrays["tokens_embed.weight"].nbytes + 256 * WIDTH * 4
-        self.assertLess(served, len(self.files["model.safetensors"]))
-        self.assertGreaterEqual(served, wanted)
-        self.assertEqual(os.listdir(os.path.join(self.data, "sources")), ["wikitext-2-raw-v1.zip"])
-
-    def test_server_without_ranges_gets_whole_checked_checkpoint(self):
-        sources = self.sources({"model.safetensors": "norange"})
-        self.prepare(sources=sources)
-        self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
-        self.assertIn(len(self.files["model.safetensors"]),
-                      [entry[3] for entry in self.server.requests("norange", "model.safetensors")])
-        self.assertFalse(os.path.exists(os.path.join(self.data, "sources", "model.safetensors")))
 
     def test_mirror_folder_works_offline(self):
         sources = fixture_sources(self.files, UNREACHABLE)
@@ -327,52 +220,7 @@ class EndToEndTest(LoopbackCase):
 
 
 class FailureTest(LoopbackCase):
-    """Each way a server can fail, and what the user gets."""
-
-    def fetch(self, name, mode, policy=FAST):
-        folder = os.path.join(self.data, "sources")
-        os.makedirs(folder, exist_ok=True)
-        return pd.fetch_file(self.remote(name, mode), folder, policy=policy, progress=False), folder
-
-    def test_404_is_reported_once_with_url(self):
-        with self.assertRaises(pd.DownloadError) as caught:
-            self.fetch("vocab.json", "404")
-        self.assertEqual(str(caught.exception),
-                         f"{self.server.base}/404/vocab.json: HTTP 404 Not Found")
-        self.assertEqual(len(self.server.requests("404", "vocab.json")), 1)
-
-    def test_500_is_retried_then_reported(self):
-        with self.assertRaisesRegex(pd.DownloadError,
-                                    r"HTTP 500 Internal Server Error \(tried 3 times\)$"):
-            self.fetch("vocab.json", "500")
-        self.assertEqual(len(self.server.requests("500", "vocab.json")), FAST.retries + 1)
-
-    def test_passing_500_is_retried_and_succeeds(self):
-        path, _ = self.fetch("vocab.json", "flaky")
-        with open(path, "rb") as file:
-            self.assertEqual(file.read(), self.files["vocab.json"])
-        self.assertEqual(len(self.server.requests("flaky", "vocab.json")), 2)
-
-    def test_truncated_body_is_retried_then_reported_and_not_kept(self):
-        size = len(self.files["wikitext-2-raw-v1.zip"])
-        expected = rf"connection closed after {size // 2:,} of {size:,} bytes \(tried 3 times\)$"
-        with self.assertRaisesRegex(pd.DownloadError, expected):
-            self.fetch("wikitext-2-raw-v1.zip", "truncated")
-        self.assertFalse(os.path.exists(os.path.join(self.data, "sources", "wikitext-2-raw-v1.zip")))
-
-    def test_dropped_connection_resumes_with_range(self):
-        path, _ = self.fetch("wikitext-2-raw-v1.zip", "drop")
-        with open(path, "rb") as file:
-            self.assertEqual(file.read(), self.files["wikitext-2-raw-v1.zip"])
-        half = len(self.files["wikitext-2-raw-v1.zip"]) // 2
-        ranges = [entry[2] for entry in self.server.requests("drop", "wikitext-2-raw-v1.zip")]
-        self.assertEqual(ranges, [None, f"bytes={half}-"])
-
-    def test_wrong_checksum_is_deleted_and_reported(self):
-        with self.assertRaisesRegex(pd.ChecksumError,
-                                    r"not the pinned wikitext-2-raw-v1.zip \(sha256 .*\); deleted$"):
-            self.fetch("wikitext-2-raw-v1.zip", "badsum")
-        self.assertEqual(os.listdir(os.path.join(self.data, "sources")), [])
+    """What data preparation makes of a source that fails, and what the user gets."""
 
     def test_wrong_checksum_falls_back_to_next_source_and_is_never_used(self):
         good = self.sources()
@@ -395,11 +243,6 @@ class FailureTest(LoopbackCase):
         self.assertIn("--mirror FOLDER", message)
         self.assertFalse(any(os.path.exists(os.path.join(self.data, name)) for name in pd.DATA_FILES))
 
-    def test_timeout_is_reported(self):
-        policy = dataclasses.replace(FAST, timeout_s=0.2, retries=0)
-        with self.assertRaisesRegex(pd.DownloadError, r"/hang/vocab.json: timed out after 0.2 s$"):
-            self.fetch("vocab.json", "hang", policy)
-
     def test_wrong_checkpoint_bytes_are_not_used(self):
         sources = self.sources({"model.safetensors": "norange"})
         bad_url = sources.checkpoint.url.replace("norange", "badsum")
@@ -410,13 +253,6 @@ class FailureTest(LoopbackCase):
             self.prepare(sources=sources)
         self.assertFalse(os.path.exists(os.path.join(self.data, "embeddings.npz")))
         self.assertEqual(os.listdir(os.path.join(self.data, "sources")), ["wikitext-2-raw-v1.zip"])
-
-    @unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full to simulate a full disk")
-    def test_full_disk_is_one_clear_error(self):
-        with mock.patch.object(pd, "_open_for_append", lambda path: open("/dev/full", "ab")):
-            with self.assertRaisesRegex(pd.StorageError,
-                                        r"^disk full while writing .*vocab.json.part: free some space"):
-                self.fetch("vocab.json", "ok")
 
     def test_unwritable_folder_is_one_clear_error(self):
         blocker = os.path.join(self.work.name, "a_file")
@@ -432,34 +268,6 @@ class FailureTest(LoopbackCase):
 
 class InterruptionTest(LoopbackCase):
     """A run stopped at any moment leaves the previous state or complete, checked files."""
-
-    def test_interrupted_download_keeps_partial_aside_then_resumes(self):
-        folder = os.path.join(self.data, "sources")
-        os.makedirs(folder)
-        remote = self.remote("model.safetensors", "ok")
-        policy = dataclasses.replace(FAST, chunk_bytes=1024)
-
-        def interrupted(path):
-            """The part file, with Ctrl-C arriving once two chunks are written."""
-            file = open(path, "ab")
-            original_write = file.write
-
-            def write(chunk):
-                if file.tell() >= 2 * 1024:
-                    raise KeyboardInterrupt
-                return original_write(chunk)
-            file.write = write
-            return file
-
-        with mock.patch.object(pd, "_open_for_append", interrupted):
-            with self.assertRaises(KeyboardInterrupt):
-                pd.fetch_file(remote, folder, policy=policy, progress=False)
-        self.assertEqual(os.listdir(folder), ["model.safetensors.part"])
-        path = pd.fetch_file(remote, folder, policy=policy, progress=False)
-        with open(path, "rb") as file:
-            self.assertEqual(file.read(), self.files["model.safetensors"])
-        self.assertEqual(self.server.requests("ok", "model.safetensors")[-1][2], f"bytes={2 * 1024}-")
-        self.assertEqual(os.listdir(folder), ["model.safetensors"])
 
     def test_interrupted_tokenization_leaves_only_complete_npz(self):
         calls = []
@@ -536,12 +344,19 @@ class CommandLineTest(LoopbackCase):
 
     def test_errors_are_one_line_without_traceback_in_a_real_process(self):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        for argv in (["--mirror", "/no/such/folder"], ["--bogus"]):
+        # A bad flag is argparse's error, named by the program (utils.cli.OneLineParser).
+        for argv, prefix in ((["--mirror", "/no/such/folder"], "error: "),
+                             (["--bogus"], "python -m utils.prepare_data: error: ")):
             with self.subTest(argv=argv):
                 result = subprocess.run([sys.executable, "-m", "utils.prepare_data", *argv],
                                         capture_output=True, text=True, timeout=60, cwd=root)
                 self.assertEqual(result.returncode, 2)
-                self.assertRegex(result.stderr, r"^error: [^\n]*\n$")
+                self.assertRegex(result.stderr, "^" + re.escape(prefix) + r"[^\n]*\n$")
+
+    def test_help_shows_the_default_once(self):
+        text = " ".join(pd._parser().format_help().split())
+        self.assertIn("--data_folder DATA_FOLDER where to write the data (default: data)", text)
+        self.assertEqual(text.count("default"), 1)
 
 
 def has_official_arrays():
@@ -599,7 +414,7 @@ class ParquetSourceTest(LoopbackCase):
             rows = [line + "\n" if line.strip() else "" for line in RAW_TEXT[split].split("\n")[:-1]]
             write_parquet(os.path.join(mirror, name), rows)
             with open(os.path.join(mirror, name), "rb") as file:
-                files[split] = pd.RemoteFile(name, f"{UNREACHABLE}/{name}", sha256(file.read()))
+                files[split] = RemoteFile(name, f"{UNREACHABLE}/{name}", sha256(file.read()))
         sources = dataclasses.replace(fixture_sources(self.files, UNREACHABLE),
                                       wikitext=(pd.ParquetText(files),))
         return mirror, sources
@@ -627,19 +442,7 @@ class ParquetSourceTest(LoopbackCase):
             self.prepare(mirror=mirror, skip_embeddings=True, sources=sources)
 
 
-class CheckpointNamesTest(LoopbackCase):
-
-    def test_prefixed_tensor_names_are_found(self):
-        mirror = os.path.join(self.work.name, "mirror")
-        os.makedirs(mirror)
-        save_file({"transformer." + name: array for name, array in self.arrays.items()},
-                  os.path.join(mirror, "model.safetensors"))
-        sources = dataclasses.replace(fixture_sources(self.files, UNREACHABLE),
-                                      checkpoint=pd.RemoteFile("model.safetensors", f"{UNREACHABLE}/x"))
-        tokens, position = pd.read_checkpoint_tensors(self.work.name, sources, mirror, FAST,
-                                                      progress=False)
-        np.testing.assert_array_equal(tokens, self.arrays["tokens_embed.weight"])
-        np.testing.assert_array_equal(position, self.arrays["positions_embed.weight"][:256])
+class EmbeddingsTest(unittest.TestCase):
 
     def test_vocabulary_and_checkpoint_must_agree(self):
         with self.assertRaisesRegex(ValueError,

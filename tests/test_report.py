@@ -11,14 +11,16 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
 
 from tests.helpers import shared_data_dir
 from utils.config import EXPERIMENTS, ExperimentConfig
 from utils.data_utils import write_log
-from utils.reference_runs import PUBLISHED_RUNS, reference_best, reference_curves
 from utils.report import ReportError, main, make_report
+from utils.report.published import (PUBLISHED_RUNS_PATH, published_runs, reference_best,
+                                    reference_curves)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -261,7 +263,37 @@ class ReferenceTest(unittest.TestCase):
     def test_reference_data_is_the_published_file(self):
         path = shared_data_dir("..", "reference", "published-runs.json")
         with open(path, encoding="utf-8") as file:
-            self.assertEqual(PUBLISHED_RUNS, json.load(file))
+            published = json.load(file)
+        with open(PUBLISHED_RUNS_PATH, encoding="utf-8") as file:
+            self.assertEqual(json.load(file), published)
+        self.assertEqual(published_runs(), published)
+
+    def test_data_file_gives_the_values_of_the_former_literals(self):
+        # Pinned from utils/reference_runs.py, the Python literals the JSON file replaced.
+        data = published_runs()
+        self.assertIs(published_runs(), data)  # read once
+        self.assertEqual(sorted(data), ["note", "reference_a", "reference_b"])
+        for key in ("reference_a", "reference_b"):
+            self.assertEqual(sorted(data[key]["runs"], key=int), [str(k) for k in range(1, 13)])
+        self.assertEqual(reference_best("5"), {
+            "a_valid_ppl": 146.87, "a_epoch": 6, "a_train_ppl": 71.26, "a_seconds_per_epoch": 78.79,
+            "a_gpu_memory_mb": 5237, "b_valid_ppl": 144.47, "b_train_ppl": 61.95,
+            "b_gpu_memory_mb": 4489})
+        self.assertEqual(reference_best("9"), {
+            "a_valid_ppl": 139.61, "a_epoch": 7, "a_train_ppl": 82.35, "a_seconds_per_epoch": None,
+            "a_gpu_memory_mb": 4999, "b_valid_ppl": 138.54, "b_train_ppl": 82.52,
+            "b_gpu_memory_mb": 4318})
+        self.assertEqual(set(reference_best("custom").values()), {None})
+        curves = reference_curves("6")
+        self.assertEqual({k: v for k, v in curves.items() if k != "cumulative_seconds"}, {
+            "model": "gpt1", "layers": 1, "optimizer": "adamw", "epochs": [1, 2, 3, 4, 5, 6, 7],
+            "train_ppl": [836.02, 225.37, 141.73, 105.67, 85.12, 71.18, 60.83],
+            "valid_ppl": [330.57, 207.08, 166.49, 152.97, 148.1, 148.47, 150.49],
+            "train_seconds_per_epoch": 78.73, "gpu_memory_mb": 5237})
+        for got, expected in zip(curves["cumulative_seconds"],
+                                 [82.23, 164.46, 246.69, 328.92, 411.15, 493.38, 575.61], strict=True):
+            self.assertAlmostEqual(got, expected)
+        self.assertEqual(reference_curves("10")["valid_ppl"][-2:], [159.45, 159.76])
 
 
 def run_main(argv):
@@ -332,8 +364,18 @@ class OddInputTest(unittest.TestCase):
             main([self.tmp, "--format", "png,gif"])
         self.assertEqual(caught.exception.code, 2)
         self.assertIn("png, pdf, svg", stderr.getvalue())
+        self.assertEqual(len(stderr.getvalue().splitlines()), 1, stderr.getvalue())
         with self.assertRaises(ValueError):
             make_report([self.tmp], os.path.join(self.tmp, "out"), formats=("gif",))
+
+    def test_module_runs_as_a_command(self):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run([sys.executable, "-m", "utils.report", os.path.join(self.tmp, "missing"),
+                               "--out", os.path.join(self.tmp, "out")],
+                              cwd=root, capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertEqual(done.stdout, "")
+        self.assertRegex(done.stderr, r"^error: log folder '.*missing' does not exist [^\n]*\n$")
 
     def test_same_logs_give_the_same_bytes(self):
         logs = os.path.join(self.tmp, "logs")

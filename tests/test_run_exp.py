@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import run_exp
-from utils.checkpoint import load_checkpoint
+from utils import training
+from utils.models import load_checkpoint
 from utils.config import EXPERIMENTS
 from utils.data_utils import read_log
 from utils.language_model import token_nll
@@ -102,20 +103,20 @@ class BatchIndicesTest(unittest.TestCase):
         class One:
             world_size, rank = 1, 0
 
-        epoch = run_exp.batch_indices(11, 4, One, epoch=3, seed=7)
+        epoch = training.batch_indices(11, 4, One, epoch=3, seed=7)
         self.assertEqual([len(batch) for _, batch in epoch], [4, 4, 3])
         self.assertEqual(sorted(torch.cat([share for share, _ in epoch]).tolist()), list(range(11)))
         def order(batches):
             return [batch.tolist() for _, batch in batches]
 
-        self.assertEqual(order(epoch), order(run_exp.batch_indices(11, 4, One, epoch=3, seed=7)))
-        self.assertNotEqual(order(epoch), order(run_exp.batch_indices(11, 4, One, epoch=4, seed=7)))
-        second = run_exp.batch_indices(11, 4, Two, epoch=3, seed=7)  # the back half of each batch
+        self.assertEqual(order(epoch), order(training.batch_indices(11, 4, One, epoch=3, seed=7)))
+        self.assertNotEqual(order(epoch), order(training.batch_indices(11, 4, One, epoch=4, seed=7)))
+        second = training.batch_indices(11, 4, Two, epoch=3, seed=7)  # the back half of each batch
         self.assertEqual([share.tolist() for share, _ in second], [batch[2:] for batch in order(epoch)])
-        self.assertEqual(run_exp.batch_indices(11, 4, One, limit=2)[1][0].tolist(), [4, 5, 6, 7])  # evaluation: in order
-        on_device = run_exp.shares_on_device(second, torch.device("cpu"))
+        self.assertEqual(training.batch_indices(11, 4, One, limit=2)[1][0].tolist(), [4, 5, 6, 7])  # evaluation: in order
+        on_device = training.shares_on_device(second, torch.device("cpu"))
         self.assertEqual([share.tolist() for share in on_device], [share.tolist() for share, _ in second])
-        self.assertEqual(run_exp.shares_on_device([], torch.device("cpu")), [])
+        self.assertEqual(training.shares_on_device([], torch.device("cpu")), [])
 
 
 class OptimizerTest(unittest.TestCase):
@@ -130,7 +131,7 @@ class OptimizerTest(unittest.TestCase):
                     torch.manual_seed(0)
                     parameter = torch.nn.Parameter(torch.randn(5, 7))
                     start = parameter.detach().clone()
-                    optimizer = run_exp.make_optimizer(config, [parameter])
+                    optimizer = training.make_optimizer(config, [parameter])
                     self.assertEqual(bool(optimizer.defaults.get("fused")), fused)
                     for step in range(3):
                         optimizer.zero_grad()
@@ -223,7 +224,7 @@ class LossScalingTest(TinyRunCase):
             for _ in range(3):
                 optimizer.zero_grad()
                 loss = copy_(inputs).pow(2).mean()
-                run_exp.optimizer_step(loss, optimizer, scaler, list(copy_.parameters()), clip_grad_norm=0.5)
+                training.optimizer_step(loss, optimizer, scaler, list(copy_.parameters()), clip_grad_norm=0.5)
             results.append(copy_.weight.detach())
         # Scaling by a power of two and back is exact.
         self.assertTrue(torch.equal(results[0], results[1]))

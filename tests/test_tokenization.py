@@ -1,16 +1,22 @@
-"""Tests of utils.tokenization: a tiny made-up vocabulary, then fidelity to the course's data.
+"""Tests of utils.tokenization (and its benchmark, utils.bench_tokenizer): a tiny made-up
+vocabulary, then fidelity to the course's data.
 
 The fidelity test reads the official arrays from $SHARED_DATA_DIR (../shared/data) and is
 skipped, saying so, when that is not set or lacks the files.
 """
+import contextlib
+import io
 import json
+import lzma
 import os
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import numpy as np
 
+from utils import bench_tokenizer
 from utils.tokenization import GPT1Tokenizer
 
 SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR")
@@ -97,6 +103,47 @@ class TinyVocabularyTest(unittest.TestCase):
                 json.dump({"a": 0, "a</w>": 1}, file)
             with self.assertRaisesRegex(ValueError, "<unk>"):
                 GPT1Tokenizer.from_folder(folder)
+
+
+class BenchTokenizerTest(unittest.TestCase):
+
+    def run_main(self, argv, environ):
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, environ, clear=True), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = bench_tokenizer.main(argv)
+            except SystemExit as exit_:
+                code = exit_.code
+        return code, out.getvalue(), err.getvalue()
+
+    def test_counts_documents_and_tokens(self):
+        with tempfile.TemporaryDirectory() as folder:
+            write_tiny_tokenizer(folder)
+            text = os.path.join(folder, "text.txt")
+            with open(text, "w", encoding="utf-8") as file:
+                file.write(" = the cat = \n\n the cat at . \n")
+            code, out, err = self.run_main([text, "--tokenizer_folder", folder], {})
+        self.assertEqual(code, 0, err)
+        # "= the cat =" and "the cat a t .": "at" is no word of the tiny vocabulary.
+        self.assertIn(f"{text}: 2 documents, 9 tokens;", out)
+
+    def test_defaults_need_shared_data_dir(self):
+        code, out, err = self.run_main([], {})
+        self.assertEqual(code, 2)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("TEXT and --tokenizer_folder not given and $SHARED_DATA_DIR is not set", err)
+
+    def test_defaults_come_from_shared_data_dir(self):
+        with tempfile.TemporaryDirectory() as root:
+            os.makedirs(os.path.join(root, "gpt1-bpe"))
+            os.makedirs(os.path.join(root, "wikitext-2-tokens"))
+            write_tiny_tokenizer(os.path.join(root, "gpt1-bpe"))
+            with open(os.path.join(root, "wikitext-2-tokens", "train.txt.xz"), "wb") as file:
+                file.write(lzma.compress("the cat\n".encode()))
+            code, out, err = self.run_main([], {"SHARED_DATA_DIR": root})
+        self.assertEqual(code, 0, err)
+        self.assertIn("train.txt.xz: 1 documents, 2 tokens;", out)
 
 
 def official_split(split):

@@ -6,16 +6,17 @@ Defaults: $SHARED_DATA_DIR/wikitext-2-tokens/train.txt.xz (2.09M words, 36,718 l
 tokenizer files in $SHARED_DATA_DIR/gpt1-bpe. Every non-empty line is encoded as one document,
 as `prepare_data` does; the time to read the file is reported apart from the encoding time.
 """
-import argparse
 import lzma
 import os
 import sys
 import time
 
+from utils.cli import SHARED_DATA_ENV, OneLineParser, shared_data_path
 from utils.prepare_data import _document_lines, tokenize_documents
 from utils.tokenization import GPT1Tokenizer
 
-SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR", os.path.join("..", "shared", "data"))
+DEFAULT_TEXT = os.path.join("wikitext-2-tokens", "train.txt.xz")  # under $SHARED_DATA_DIR
+DEFAULT_TOKENIZER_FOLDER = "gpt1-bpe"  # under $SHARED_DATA_DIR
 
 
 def read_text(path):
@@ -41,13 +42,26 @@ def benchmark(text_path, tokenizer_folder):
             "tokenize_s": tokenize_s, "tokenize_cpu_s": tokenize_cpu_s}
 
 
+def _parser():
+    parser = OneLineParser(prog="python -m utils.bench_tokenizer", description=__doc__.split("\n")[0])
+    parser.add_argument("text", nargs="?", default=None,
+                        help=f"the text to tokenize (default: ${SHARED_DATA_ENV}/{DEFAULT_TEXT})")
+    parser.add_argument("--tokenizer_folder", default=None,
+                        help="folder with vocab.json and merges.txt "
+                             f"(default: ${SHARED_DATA_ENV}/{DEFAULT_TOKENIZER_FOLDER})")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m utils.bench_tokenizer",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("text", nargs="?",
-                        default=os.path.join(SHARED_DATA_DIR, "wikitext-2-tokens", "train.txt.xz"))
-    parser.add_argument("--tokenizer_folder", default=os.path.join(SHARED_DATA_DIR, "gpt1-bpe"))
+    parser = _parser()
     args = parser.parse_args(argv)
+    args.text = args.text or shared_data_path(DEFAULT_TEXT)
+    args.tokenizer_folder = args.tokenizer_folder or shared_data_path(DEFAULT_TOKENIZER_FOLDER)
+    missing = [name for name, value in (("TEXT", args.text), ("--tokenizer_folder", args.tokenizer_folder))
+               if value is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} not given and ${SHARED_DATA_ENV} is not set: give "
+                     f"{' and '.join(missing)}, or set {SHARED_DATA_ENV} to the shared data folder")
     try:
         result = benchmark(args.text, args.tokenizer_folder)
     except (OSError, ValueError) as error:

@@ -56,38 +56,29 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from utils.checkpoint import build_model
+from utils.cli import (OneLineParser, UsageError, environment_record, fail, positive_int,
+                       resolve_device, shared_data_path)
 from utils.config import resolve_config
 from utils.data_utils import atomic_write_bytes
 from utils.fast_path import BatchLoss
+from utils.models import build_model
+from utils.training import (RunOptions, choose_precision, make_grad_scaler, make_optimizer,
+                            optimizer_step, resolve_precision, run_experiment)
 from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 
 # The benchmark's models and the presets they come from (all trained with AdamW).
 MODELS = {"lstm1": "2", "lstm2": "9", "lstm4": "10", "gpt1": "6", "gpt2": "11", "gpt4": "12"}
 PATHS = ("reference", "fast")
 QUICK_MODELS = ("lstm1", "gpt1")
-SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR")
-# The issue's targets on an H100/H200-class GPU (the reference path being the baseline).
-TARGETS = {"gpt_train_speedup": 4.0, "gpt_matmul_fraction": 0.30, "lstm_train_speedup": 2.0,
-           "epoch_seconds": {"6": 3.0, "2": 6.0}, "memory_ratio": 0.60, "memory_mb": 3 * 1024,
-           "check_seconds": 8 * 60}
-
-
-class BenchmarkError(Exception):
-    """Bad input the user can fix: printed as one line, exit code 2."""
-
-
 class Settings:
     """How long and how big: the defaults per device, and what `--quick` reduces.
 
@@ -306,7 +297,7 @@ class MemoryProbe:
 
 
 def path_config(config, path):
-    """The config a path trains with: the reference is the course's plain fp32 path."""
+    """The config a path trains with: the reference path in fp32, the fast path as the loop runs it."""
     if path == "reference":
         return config.replace(fused=False, precision="fp32")
     return config.replace(fused=True, precision="auto")
@@ -314,7 +305,7 @@ def path_config(config, path):
 
 @contextlib.contextmanager
 def tf32(enabled):
-    """TF32 matmuls and convolutions on or off, as run_exp.py sets them for the path."""
+    """TF32 matmuls and convolutions on or off, as the training loop sets them for the path."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if enabled is not None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
@@ -328,40 +319,36 @@ class PathRunner:
     """A copy of the model with the loss module and optimizer of one path, ready to step."""
 
     def __init__(self, base_model, config, path, device, batch):
-        from run_exp import make_grad_scaler, make_optimizer, resolve_precision
-
         self.config = path_config(config, path)
         self.device = device
         self.batch = batch
         self.model = copy.deepcopy(base_model).to(device)
-        self.step = BatchLoss(self.model, fused=self.config.fused,
+        self.batch_loss = BatchLoss(self.model, fused=self.config.fused,
                               autocast_dtype=resolve_precision(self.config, device))
         learnable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.config, learnable)
         self.scaler = make_grad_scaler(self.config, device)
         self.learnable = learnable
-        # run_exp.py turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
+        # The training loop turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
         self.tf32 = True if device.type == "cuda" and self.config.fused else None
 
     def train(self, steps):
-        from run_exp import optimizer_step
-
         source, target, mask = self.batch
         scale = 1.0 / source.shape[0]
-        self.step.train()
+        self.batch_loss.train()
         with tf32(self.tf32):
             for _ in range(steps):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, _, _ = self.step(source, target, mask, scale)
+                loss, _, _ = self.batch_loss(source, target, mask, scale)
                 optimizer_step(loss, self.optimizer, self.scaler, self.learnable)
 
     @torch.no_grad()
     def evaluate(self, steps):
         source, target, mask = self.batch
-        self.step.eval()
+        self.batch_loss.eval()
         with tf32(self.tf32):
             for _ in range(steps):
-                self.step(source, target, mask, 1.0)
+                self.batch_loss(source, target, mask, 1.0)
 
 
 def random_batch(settings, device, seed=0):
@@ -406,7 +393,7 @@ def benchmark_model(name, settings, device, rate=None):
         runner.evaluate(1)
         synchronize(device)
         result["paths"][path] = {"fused": runner.config.fused,
-                                 "precision": "bf16" if runner.step.autocast_dtype else "fp32",
+                                 "precision": choose_precision(runner.config, device)[0],
                                  "memory": probe.result()}
         if path == PATHS[-1]:
             runners[path] = runner  # warm already: it goes on to the timing phase
@@ -467,32 +454,15 @@ def command_line(argv=None):
 
 
 def environment(device, command=None):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "device": str(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command or command_line(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    else:
-        info["device_name"] = _cpu_name()
+    info = dict(environment_record(device),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=command or command_line(), threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count())
     try:
         info["load_average"] = os.getloadavg()
     except OSError:
         pass
     return info
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def run_benchmark(settings, device, command=None):
@@ -588,15 +558,12 @@ def _finite(value):
 
 
 def default_data_folder():
-    if SHARED_DATA_DIR and os.path.isdir(os.path.join(SHARED_DATA_DIR, "wikitext2")):
-        return os.path.join(SHARED_DATA_DIR, "wikitext2")
-    return "data"
+    shared = shared_data_path("wikitext2")
+    return shared if shared and os.path.isdir(shared) else "data"
 
 
 def epoch_run(exp_id, args, device):
     """One training epoch of preset `exp_id` on the real data via run_exp; its figures."""
-    from run_exp import RunOptions, run_experiment
-
     pretrained = os.path.join(args.data_folder, "embeddings.npz")
     embeddings = None if os.path.isfile(pretrained) else "none"
     config = resolve_config(exp_id, data_folder=args.data_folder, embeddings=embeddings, epochs=1,
@@ -614,42 +581,6 @@ def epoch_run(exp_id, args, device):
             "valid_ppl": epoch["valid_ppl"], "test_ppl": (log["test"] or {}).get("ppl"),
             "gpu_memory_mb": epoch["gpu_memory_mb"], "cpu_rss_mb": epoch["cpu_rss_mb"],
             "flops_per_token": model_flops_per_token(config)}
-
-
-def check_targets(report):
-    """The issue's targets against what was measured: a list of `{target, value, met}`."""
-    checks = []
-
-    def check(target, value, met):
-        checks.append({"target": target, "value": value, "met": None if value is None else bool(met)})
-
-    models = {model["model"]: model for model in (report.get("benchmark") or {}).get("models", [])}
-    for name, model in models.items():
-        fast = model["paths"]["fast"]
-        if model["kind"] == "gpt1":
-            check(f"{name}: fast train >= {TARGETS['gpt_train_speedup']}x reference",
-                  model["speedup"]["train"], model["speedup"]["train"] >= TARGETS["gpt_train_speedup"])
-            fraction = fast.get("matmul_fraction")
-            check(f"{name}: fast train >= {TARGETS['gpt_matmul_fraction']:.0%} of the bf16 matmul rate",
-                  fraction, fraction is not None and fraction >= TARGETS["gpt_matmul_fraction"])
-        else:
-            check(f"{name}: fast train >= {TARGETS['lstm_train_speedup']}x reference",
-                  model["speedup"]["train"], model["speedup"]["train"] >= TARGETS["lstm_train_speedup"])
-        ratio = model["memory_ratio"]["steady_mb"]
-        check(f"{name}: fast steady memory <= {TARGETS['memory_ratio']:.0%} of reference", ratio,
-              ratio is not None and ratio <= TARGETS["memory_ratio"])
-        steady = fast["memory"].get("steady_mb")
-        check(f"{name}: fast steady memory < {TARGETS['memory_mb']} MiB", steady,
-              steady is not None and steady < TARGETS["memory_mb"])
-    for exp_id, limit in TARGETS["epoch_seconds"].items():
-        run = (report.get("epochs") or {}).get(exp_id) or {}
-        seconds = run.get("train_seconds")
-        check(f"config {exp_id}: one training epoch <= {limit} s", seconds,
-              seconds is not None and seconds <= limit)
-    seconds = (report.get("gpu_check") or {}).get("seconds")
-    check(f"the whole check <= {TARGETS['check_seconds']} s", seconds,
-          seconds is not None and seconds <= TARGETS["check_seconds"])
-    return checks
 
 
 def gpu_check(args, device):
@@ -684,7 +615,6 @@ def gpu_check(args, device):
             torch.cuda.empty_cache()
         write_json(args.json, report)
     report["gpu_check"]["seconds"] = time.perf_counter() - started
-    report["targets"] = check_targets(report)
     write_json(args.json, report)
     print(format_epochs(report), flush=True)
     return report
@@ -705,10 +635,6 @@ def format_epochs(report):
                      f"({run['train_tokens_per_second']:,.0f} tokens/s), {run['valid_seconds']:.1f} s valid, "
                      f"valid ppl {run['valid_ppl']:.1f}"
                      + (f", peak reserved {memory:,.0f} MiB" if memory is not None else ""))
-    for item in report.get("targets", []):
-        mark = {True: "met", False: "NOT met", None: "not measured"}[item["met"]]
-        value = "-" if item["value"] is None else f"{item['value']:.3g}"
-        lines.append(f"  {mark:12s} {item['target']} (measured {value})")
     for part, error in report["errors"].items():
         lines.append(f"error in {part}: {error}")
     return "\n".join(lines)
@@ -716,23 +642,6 @@ def format_epochs(report):
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 def model_list(text):
@@ -753,36 +662,18 @@ def parse_args(argv=None):
     add("--json", default=None, help="also write the results to this JSON file")
     add("--models", type=model_list, default=None,
         help=f"comma-separated, from {','.join(MODELS)} (default: all)")
-    add("--batch_size", type=positive_int, default=None, help="sequences per batch (default 16)")
-    add("--sequence_length", type=positive_int, default=None, help="tokens per sequence (default 256)")
-    add("--windows", type=positive_int, default=None, help="timed windows per path (default 5 on CUDA, 3 on the CPU)")
-    add("--steps_per_window", type=positive_int, default=None, help="steps per window (default 10 on CUDA, 1 on the CPU)")
-    add("--warmup", type=positive_int, default=None, help="warm-up training steps (default 3 on CUDA, 1 on the CPU)")
+    add("--batch_size", type=positive_int, default=None, help="sequences per batch (default: 16)")
+    add("--sequence_length", type=positive_int, default=None, help="tokens per sequence (default: 256)")
+    add("--windows", type=positive_int, default=None, help="timed windows per path (default: 5 on CUDA, 3 on the CPU)")
+    add("--steps_per_window", type=positive_int, default=None, help="steps per window (default: 10 on CUDA, 1 on the CPU)")
+    add("--warmup", type=positive_int, default=None, help="warm-up training steps (default: 3 on CUDA, 1 on the CPU)")
     add("--gpu-check", dest="gpu_check", action="store_true",
         help="the benchmark, then one epoch of configurations 2 and 6 on the real data, into one JSON "
-             "file (default gpu_check.json)")
+             "file (default: gpu_check.json)")
     add("--data_folder", default=None,
-        help="for --gpu-check: wiki.*.npz (default $SHARED_DATA_DIR/wikitext2 when present, else data)")
+        help="for --gpu-check: wiki.*.npz (default: $SHARED_DATA_DIR/wikitext2 when present, else data)")
     add("--limit_batches", type=positive_int, default=None, help=argparse.SUPPRESS)  # tests: short epochs
     return parser.parse_args(argv)
-
-
-def resolve_device(name):
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BenchmarkError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise BenchmarkError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchmarkError(f"--device {name} asked for CUDA but none is available: use --device cpu")
-        if device.index is None:  # "cuda": the current device, named by its index
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device
 
 
 def main(argv=None):
@@ -790,7 +681,7 @@ def main(argv=None):
     args.command = command_line([str(a) for a in argv] if argv is not None else None)
     try:
         if args.gpu_check and args.device is None and not torch.cuda.is_available():
-            raise BenchmarkError("--gpu-check measures a GPU and none is available here; "
+            raise UsageError("--gpu-check measures a GPU and none is available here; "
                                  "--device cpu makes it a (slow) dry run on the CPU")
         device = resolve_device(args.device)
         if args.gpu_check:
@@ -799,7 +690,7 @@ def main(argv=None):
             for split in ("train", "validation", "test"):
                 path = os.path.join(args.data_folder, f"wiki.{split}.npz")
                 if not os.path.isfile(path):
-                    raise BenchmarkError(f"--gpu-check needs the real data: {path} is missing (give "
+                    raise UsageError(f"--gpu-check needs the real data: {path} is missing (give "
                                          "--data_folder, or make it with `python -m utils.prepare_data`)")
             if device.type != "cuda":
                 say(f"--gpu-check on {device}: a dry run of the GPU check, not a GPU measurement")
@@ -813,9 +704,8 @@ def main(argv=None):
             write_json(args.json, result)
             say(f"wrote {args.json}")
         return 1 if result["errors"] else 0
-    except BenchmarkError as error:
-        print(f"python -m utils.benchmark: error: {error}", file=sys.stderr)
-        return 2
+    except UsageError as error:
+        return fail("python -m utils.benchmark", error)
 
 
 if __name__ == "__main__":

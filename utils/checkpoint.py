@@ -1,4 +1,4 @@
-"""The one checkpoint format and its one loader, used by resume, generation, the report and the notebook.
+"""The one checkpoint format: its writer and its reader (`utils.models.load_checkpoint` rebuilds the model).
 
 A checkpoint is a dict saved with `torch.save` and read back with `weights_only=True`:
 
@@ -11,48 +11,21 @@ A checkpoint is a dict saved with `torch.save` and read back with `weights_only=
 
 Whole modules are never pickled: a model is rebuilt from the config and its state_dict loaded.
 """
+import io
 import os
 import pickle
 import zipfile
 
 import torch
 
-from gpt1_solution_template import MiniGPT1
-from lstm_solution import LSTM
-from utils.config import ExperimentConfig
 from utils.data_utils import atomic_write_bytes
+from utils.torch_utils import unwrap
 
 CHECKPOINT_FORMAT = "wikitext2-lm-checkpoint/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not in this package's format."""
-
-
-def build_model(config, vocabulary_size, embedding_size=None, sequence_length=None,
-                tokens_weight=None, position_weight=None):
-    """The model a config describes. Pretrained weights, when given, fix the embedding sizes.
-
-    Embeddings learned from scratch start as GPT-1's did, N(0, 0.02^2) with a zero padding row,
-    rather than nn.Embedding's N(0, 1): through the tied output layer, unit-variance rows give
-    logits of standard deviation ~sqrt(embedding_size) and an initial loss far above ln V.
-    """
-    embedding_size = embedding_size or config.embedding_size
-    sequence_length = sequence_length or config.sequence_length
-    if config.model == "lstm":
-        model = LSTM(vocabulary_size, embedding_size, config.hidden_size, config.layers,
-                     config.learn_embeddings, _embedding_weight=tokens_weight)
-    else:
-        model = MiniGPT1(vocabulary_size, embedding_size, sequence_length, config.num_heads,
-                         config.layers, config.learn_embeddings, _tokens_embedding_weight=tokens_weight,
-                         _positional_embedding_weight=position_weight)
-    if tokens_weight is None:
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name.startswith("embedding"):
-                    parameter.normal_(0.0, 0.02)
-            model.output_weight[0].zero_()
-    return model
 
 
 def model_size(model):
@@ -74,17 +47,9 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def unwrap(model):
-    """The plain module inside DistributedDataParallel or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0, steps=0, state=None,
                     grad_scaler=None):
     """Atomically write a checkpoint of the run to `path`."""
-    import io
-
     model = unwrap(model)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -122,16 +87,3 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is not in this package's format "
                               f"({CHECKPOINT_FORMAT})")
     return payload
-
-
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model of a checkpoint: returns `(model, config, payload)`, model in eval mode."""
-    payload = read_checkpoint(path)
-    config = ExperimentConfig.from_dict(payload["config"])
-    model = build_model(config, **payload["model_size"])
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: "
-                              f"{str(error).splitlines()[0]}") from None
-    return model.to(device).eval(), config, payload

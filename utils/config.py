@@ -11,7 +11,7 @@ from typing import Optional
 
 MODELS = ("lstm", "gpt1")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("none", "cosine")
 DEFAULT_EMBEDDINGS = "auto"  # DATA_FOLDER/embeddings.npz, GPT-1's pretrained weights
 NO_EMBEDDINGS = "none"  # learn the embeddings from a random initialisation
@@ -43,8 +43,8 @@ class ExperimentConfig:
     clip_grad_norm: Optional[float] = None
     limit_batches: Optional[int] = None
     max_steps: Optional[int] = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    fused: bool = True  # fused attention and loss kernels; False is the course's plain path
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 elsewhere
+    fused: bool = True  # the fast path (fused kernels, chunked loss); False: the reference path
     compile: bool = False
 
     def __post_init__(self):

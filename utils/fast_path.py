@@ -1,11 +1,11 @@
-"""How a batch becomes a loss: the course's plain path and the fast path, behind one module.
+"""How a batch becomes a loss: the reference path and the fast path, behind one module.
 
 Legend: B batch, T time, C channels, V vocabulary, N = B * T.
 
 `BatchLoss` wraps a model (either kind, through the interface of utils/language_model.py) and is
 what the training loop calls and what DistributedDataParallel / torch.compile wrap:
 
-- plain ("reference") path: `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
+- reference path (`fused=False`): `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
   with attention through `get_attention_weights` / `apply_attention` and layer norms differentiated
   by autograd through their written-out formula, all in fp32;
 - fast path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
@@ -23,13 +23,13 @@ import math
 import torch
 from torch import nn
 
-from utils.language_model import token_nll
+from utils.language_model import sequence_nll, token_nll
 
 
 # On CUDA the output matmul's vocabulary is padded to a multiple of this: with V = 40,479 (odd) a
 # row of bf16 logits is 80,958 bytes, a width at which cuBLAS loses its fast tensor-core kernels
-# (a 4096 x 768 x 40,479 product ran at about 94 TFLOP/s on an H200, an eighth of its rate). On
-# the CPU padding gains nothing and would copy the whole fp32 matrix at every call.
+# (docs/PERFORMANCE.md has the measurement). On the CPU padding gains nothing and would copy the
+# whole fp32 matrix at every call.
 CUDA_VOCABULARY_MULTIPLE = 64
 
 
@@ -173,10 +173,5 @@ class BatchLoss(nn.Module):
         return token_nll(log_probas.float(), target)  # (B, T)
 
     def forward(self, source, target, mask, scale):
-        nll = self.token_nll(source, target)  # (B, T)
-        mask = mask.to(nll.dtype)
-        real = torch.where(mask > 0, nll, torch.zeros_like(nll))  # inf * 0 would be NaN
-        lengths = mask.sum(dim=1)  # (B,)
-        per_sequence = real.sum(dim=1) / lengths.clamp(min=1)  # (B,); empty sequences give 0
-        loss = per_sequence.sum() * scale
-        return loss, real.detach().sum(), lengths.sum()
+        per_sequence, masked, lengths = sequence_nll(self.token_nll(source, target), mask)  # (B,), (B, T), (B,)
+        return per_sequence.sum() * scale, masked.detach().sum(), lengths.sum()

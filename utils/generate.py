@@ -31,7 +31,6 @@ so the perplexity, exp(summed NLL / number of scored tokens), is the logs' figur
 The tokenizer (`vocab.json`, `merges.txt`) is read from the checkpoint's recorded data folder, or
 `--data_folder`, and fetched there when it is missing.
 """
-import argparse
 import math
 import os
 import sys
@@ -39,10 +38,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.language_model import token_nll
-from utils.prepare_data import DEFAULT_SOURCES, DataUnavailableError, DownloadError, fetch_file
-from utils.tokenization import PADDING_ID, GPT1Tokenizer
+from utils.checkpoint import CheckpointError
+from utils.cli import OneLineParser, UsageError, resolve_device
+from utils.download import DataUnavailableError, DownloadError, fetch_file
+from utils.language_model import perplexity, token_nll
+from utils.models import load_checkpoint
+from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
 from utils.wikitext2 import chunk_bounds
 
 
@@ -149,7 +150,7 @@ def score(model, ids, window=None, batch_size=8):
         nll_sum += torch.where(mask, nll, torch.zeros_like(nll)).double().sum().item()
         count += int(mask.sum())
     loss = nll_sum / count
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
+    return {"loss": loss, "ppl": perplexity(loss), "tokens": count}
 
 
 def load_tokenizer(folder):
@@ -160,7 +161,7 @@ def load_tokenizer(folder):
         pass
     try:
         os.makedirs(folder, exist_ok=True)
-        for remote in (DEFAULT_SOURCES.vocab, DEFAULT_SOURCES.merges):
+        for remote in TOKENIZER_FILES:
             fetch_file(remote, folder)
     except (DownloadError, OSError) as error:
         raise DataUnavailableError(
@@ -186,42 +187,20 @@ def encode_text(tokenizer, text):
     return [index for line in tokenizer.encode_lines(text.splitlines()) for index in line]
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def parse_device(name):
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device={name!r} is invalid: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name!r}: no CUDA device is available here; use --device cpu")
-    return device
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one `error: ...` line (exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _parser():
-    parser = _OneLineParser(prog="python -m utils.generate",
-                            description="Generate text with a trained checkpoint, or score a text.")
+    parser = OneLineParser(prog="python -m utils.generate",
+                           description="Generate text with a trained checkpoint, or score a text.")
     parser.add_argument("--checkpoint", required=True, help="LOG_DIR/EXP_ID/best.pt or last.pt")
     parser.add_argument("--prompt", default=None, help="text to continue (lowercased and tokenized "
                                                        "as the training data)")
     parser.add_argument("--score", default=None, metavar="TEXT_OR_FILE",
                         help="print the perplexity per BPE token of this text (or file) instead")
-    parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens to add (default 100)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 is greedy (default 0.8)")
-    parser.add_argument("--top_k", type=int, default=40, help="sample among the K best tokens (default 40)")
+    parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens to add")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
+    parser.add_argument("--top_k", type=int, default=40, help="sample among the K best tokens")
     parser.add_argument("--top_p", type=float, default=None,
                         help="sample within the nucleus of probability P in (0, 1] (default: off)")
-    parser.add_argument("--num_samples", type=int, default=1, help="continuations to write (default 1)")
+    parser.add_argument("--num_samples", type=int, default=1, help="continuations to write")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: random)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--data_folder", default=None,
@@ -231,7 +210,10 @@ def _parser():
 
 
 def run(args):
-    """Do what the parsed `args` ask; raises ValueError / CheckpointError / DataUnavailableError on bad input."""
+    """Do what the parsed `args` ask.
+
+    Raises ValueError, UsageError, CheckpointError or DataUnavailableError on bad input.
+    """
     if args.score is None:
         check_sampling(args.temperature, args.top_k, args.top_p)
         if args.prompt is None or not args.prompt.strip():
@@ -240,7 +222,7 @@ def run(args):
         if args.max_new_tokens < 1 or args.num_samples < 1:
             raise ValueError(f"--max_new_tokens={args.max_new_tokens} and --num_samples="
                              f"{args.num_samples} must be whole numbers >= 1")
-    device = parse_device(args.device or default_device())
+    device = resolve_device(args.device)
     model, config, _ = load_checkpoint(args.checkpoint, device)
     tokenizer = load_tokenizer(args.data_folder or config.data_folder)
     if tokenizer.vocabulary_size != model.vocabulary_size:
@@ -278,7 +260,7 @@ def main(argv=None):
         return exit_.code
     try:
         return run(args)
-    except (CheckpointError, DataUnavailableError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, DataUnavailableError, FileNotFoundError, UsageError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

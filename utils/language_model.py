@@ -13,12 +13,32 @@ Every model in this package
   tokens fed so far, carrying whatever state the model needs;
 - shares `loss(log_probas, targets, mask)` defined here once.
 """
+import math
+
 import torch
+
+
+def perplexity(loss):
+    """exp(mean NLL per token), the perplexity of a mean loss in nats; inf where exp overflows."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def token_nll(log_probas, targets):
     """Negative log-likelihood of each target: `(B, T, V)`, `(B, T)` -> `(B, T)`."""
     return -log_probas.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B, T)
+
+
+def sequence_nll(nll, mask):
+    """Each sequence's mean NLL over its unpadded positions: the course's loss before its last mean.
+
+    `nll` `(B, T)`, `mask` `(B, T)` of 0/1 -> `(per_sequence (B,), masked_nll (B, T), lengths (B,))`.
+    A sequence with no unpadded position gets 0, and padded positions are 0 in `masked_nll`.
+    """
+    mask = mask.to(nll.dtype)
+    # where(), not a product: a padded position may hold an infinite NLL and inf * 0 is NaN.
+    masked = torch.where(mask > 0, nll, torch.zeros_like(nll))  # (B, T)
+    lengths = mask.sum(dim=1)  # (B,)
+    return masked.sum(dim=1) / lengths.clamp(min=1), masked, lengths
 
 
 def sequence_mean_loss(nll, mask):
@@ -28,13 +48,8 @@ def sequence_mean_loss(nll, mask):
     sequence with no unpadded position is left out of the second mean (it has no loss to give),
     and a batch of such sequences gives 0 rather than NaN.
     """
-    mask = mask.to(nll.dtype)
-    # where(), not a product: a padded position may hold an infinite NLL and inf * 0 is NaN.
-    summed = torch.where(mask > 0, nll, torch.zeros_like(nll)).sum(dim=1)  # (B,)
-    lengths = mask.sum(dim=1)  # (B,)
-    present = lengths > 0
-    per_sequence = summed / lengths.clamp(min=1)  # (B,)
-    return torch.where(present, per_sequence, torch.zeros_like(per_sequence)).sum() / present.sum().clamp(min=1)
+    per_sequence, _, lengths = sequence_nll(nll, mask)  # (B,), _, (B,)
+    return per_sequence.sum() / (lengths > 0).sum().clamp(min=1)
 
 
 class LanguageModel:

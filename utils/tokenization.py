@@ -16,6 +16,9 @@ How a line of WikiText-2 raw becomes ids (what the course did, reproduced with H
 Decoding reverses the table look-up only: lowercasing, accents and the spacing around
 punctuation are lost, so `decode(encode("The cat, sat."))` is "the cat , sat ." -- tokens are
 separated by single spaces, as in the course's data.
+
+`TOKENIZER_FILES` pins where the two files come from; data preparation and generation both fetch
+them from there (`utils.download.fetch_file`).
 """
 import json
 import os
@@ -23,8 +26,21 @@ import os
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+from utils.download import RemoteFile
+
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+# openai-community/openai-gpt 1e0d4f3 is the commit that added tokenizer_config.json (#6), after
+# the safetensors variant (adacbec, #3), read from the hub's pages; GPT-1's embeddings come from
+# the same revision.
+GPT1_REVISION_URL = ("https://huggingface.co/openai-community/openai-gpt/resolve/"
+                     "1e0d4f3028acbffb47fe933cea64619c5ec1a002")
+TOKENIZER_FILES = (  # (vocab.json, merges.txt)
+    RemoteFile(VOCAB_FILE, f"{GPT1_REVISION_URL}/{VOCAB_FILE}",
+               "fdf49b19e7de236852091da09b84a7a3cd5e7b0e79916376cf45f6b8127b8078", 815973),
+    RemoteFile(MERGES_FILE, f"{GPT1_REVISION_URL}/{MERGES_FILE}",
+               "0ea9b51ae695073cd871e0358f7016311d671a7ff3963e367d5236522f294725", 458495),
+)
 UNK_TOKEN = "<unk>"
 END_OF_WORD = "</w>"
 PADDING_ID = 0

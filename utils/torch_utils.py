@@ -28,3 +28,9 @@ def to_device(tensors, device):
     if isinstance(tensors, tuple):
         return tuple(to_device(value, device) for value in tensors)
     return tensors
+
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

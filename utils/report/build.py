@@ -11,7 +11,7 @@ reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes into 
     tables/results.{md,tex}     one row per run; tables/memory_speed.{md,tex}; tables/tables.tex
                                 (a LaTeX document that inputs both, to compile as-is)
 
-`--reference` puts the published 2021 runs beside the user's (`utils/reference_runs.py`). A log that
+`--reference` puts the published 2021 runs beside the user's (`published_runs.json`). A log that
 cannot be read, a run still going, a run with fewer epochs or a missing field each give one
 `warning: ...` line on stderr and the report still comes out; no log folder or no log at all is one
 `error: ...` line and exit code 2. The same logs give the same bytes.
@@ -25,11 +25,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from utils.cli import OneLineParser
 from utils.config import EXPERIMENTS, MODELS, NO_EMBEDDINGS, OPTIMIZERS
 from utils.data_utils import EPOCH_FIELDS, read_logs
-from utils.reference_runs import PUBLISHED_RUNS, reference_best, reference_curves
-from utils.report_figures import FORMATS, experiment_colours, plot_runs
-from utils.report_tables import (ARCHITECTURE_NAMES, memory_speed_table, published_table,
+from utils.report.figures import FORMATS, experiment_colours, plot_runs
+from utils.report.published import published_runs, reference_best, reference_curves
+from utils.report.tables import (ARCHITECTURE_NAMES, memory_speed_table, published_table,
                                  results_table, tables_document, to_latex, to_markdown)
 
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "momentum": "momentum"}
@@ -370,14 +371,15 @@ def report_markdown(log_dirs, runs, warnings, tables, comparisons, per_run, refe
                  "## Learning curves: the course's comparisons\n", *comparisons,
                  "## Memory and speed\n", to_markdown(tables["memory_speed"])]
     if reference:
-        sections += ["## Published 2021 results\n", PUBLISHED_RUNS["note"] + "\n"]
+        published = published_runs()
+        sections += ["## Published 2021 results\n", published["note"] + "\n"]
         changed = [f"{run.label} ({', '.join(run.preset_changes())})" for run in runs
                    if run.reference() is not None and run.preset_changes()]
         if changed:
             sections.append("Not the published setting, so not directly comparable: "
                             + "; ".join(changed) + ".\n")
         for key, name in (("reference_a", "A"), ("reference_b", "B")):
-            sections.append(f"Reference {name}: {PUBLISHED_RUNS[key]['source']}\n")
+            sections.append(f"Reference {name}: {published[key]['source']}\n")
         sections.append(to_markdown(published_table()))
     sections += ["## Learning curves of each run\n", *per_run]
     return "\n".join(sections)
@@ -396,15 +398,16 @@ def parse_formats(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m utils.report",
         description="Turn run logs (LOG_DIR/EXP_ID/log.json) into figures, tables and REPORT.md.")
+    # The formatter adds "(default: ...)" to flags only, so the positional says its own.
     parser.add_argument("log_dirs", nargs="*", default=["logs"], metavar="LOG_DIR",
                         help="folders holding the runs' logs (default: logs)")
-    parser.add_argument("--out", default="report", help="output folder (default: report)")
-    parser.add_argument("--format", default=("png", "pdf"), type=parse_formats,
-                        help=f"figure formats, comma-separated, from {', '.join(FORMATS)} "
-                        "(default: png,pdf)")
+    parser.add_argument("--out", default="report", help="output folder")
+    # argparse passes a string default through `type` too, and --help shows it as one would type it.
+    parser.add_argument("--format", default="png,pdf", type=parse_formats,
+                        help=f"figure formats, comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--reference", action="store_true",
                         help="put the published 2021 results beside yours")
     args = parser.parse_args(argv)
@@ -425,6 +428,3 @@ def main(argv=None):
         print(f"  {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ for a paper. A missing value is "–" in Markdown and "--" (an en dash) in LaTeX
 from dataclasses import dataclass
 from typing import Optional
 
-from utils.reference_runs import PUBLISHED_RUNS, reference_best, reference_curves
+from utils.report.published import published_runs, reference_best, reference_curves
 
 ARCHITECTURE_NAMES = {"lstm": "LSTM", "gpt1": "GPT-1"}
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -226,7 +226,7 @@ def published_table():
                                   "A\ns/epoch", "A GPU\nMB", "B train ppl\n@ best",
                                   "B best\nvalid ppl", "B GPU\nMB"]
     rows = []
-    for exp_id, run in PUBLISHED_RUNS["reference_a"]["runs"].items():
+    for exp_id, run in published_runs()["reference_a"]["runs"].items():
         best = reference_best(exp_id)
         rows.append([Cell(exp_id), Cell(ARCHITECTURE_NAMES[run["model"]]), Cell(str(run["layers"])),
                      Cell(run["optimizer"]), Cell(ppl(best["a_train_ppl"])),
