@@ -91,8 +91,10 @@ def run_configs(configs, args):
     """Run each config; with several, finished runs are skipped and interrupted ones resumed."""
     several = len(configs) > 1
     for config in configs:
-        options = RunOptions(args.log_dir, not args.no_log, args.resume, args.overwrite, args.device,
-                             args.progress_bar, args.print_every, args.num_workers)
+        options = RunOptions(log_dir=args.log_dir, write_logs=not args.no_log, resume=args.resume,
+                             overwrite=args.overwrite, device=args.device,
+                             progress_bar=args.progress_bar, print_every=args.print_every,
+                             num_workers=args.num_workers)
         if several and options.write_logs:
             log, has_checkpoint = existing_run(os.path.join(args.log_dir, config.exp_id))
             if log is not None and log["status"] == "finished":

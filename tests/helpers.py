@@ -6,6 +6,7 @@ import torch
 
 from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
+from utils.cli import shared_data_path
 
 # One tiny configuration for the value tests: vocabulary 97, width 32, 4 heads, 16 positions.
 TINY = {"vocabulary_size": 97, "embedding_size": 32, "hidden_size": 24, "num_heads": 4,
@@ -26,7 +27,7 @@ def tiny_gpt(learn_embeddings=False, seed=0):
 
 def shared_data_dir(*parts):
     """`$SHARED_DATA_DIR/parts...` when it exists; otherwise the test is skipped with the reason."""
-    root = os.environ.get("SHARED_DATA_DIR")
+    root = shared_data_path()
     if not root:
         raise unittest.SkipTest("SHARED_DATA_DIR is not set (CI points it at ../shared/data)")
     path = os.path.join(root, *parts)

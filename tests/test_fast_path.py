@@ -16,8 +16,8 @@ import torch
 
 from gpt1_solution_template import MultiHeadedAttention
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
-from utils.config import resolve_config
 from utils import training
+from utils.config import resolve_config
 from utils.fast_path import BatchLoss, fused_token_nll, set_fused_kernels
 from utils.language_model import token_nll
 

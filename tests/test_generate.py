@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import save_checkpoint
+from utils.cli import shared_data_path
 from utils.config import resolve_config
 from utils.download import DownloadError
 from utils.generate import _parser, choose_next, generate, main, score
@@ -278,7 +279,7 @@ class TestCommandLine(unittest.TestCase):
 
 class TestRoundTrip(unittest.TestCase):
     def test_real_tokenizer_round_trip(self):
-        shared = os.environ.get("SHARED_DATA_DIR")
+        shared = shared_data_path()
         folder = os.path.join(shared, "gpt1-bpe") if shared else None
         if not folder or not os.path.isfile(os.path.join(folder, "vocab.json")):
             self.skipTest("the real GPT-1 tokenizer files are not available "
@@ -378,7 +379,7 @@ class TestBadInput(TinyCheckpoints):
                                         "--data_folder", empty], "utils.prepare_data", "no network")
 
     def test_tokenizer_that_does_not_fit_the_model(self):
-        shared = os.environ.get("SHARED_DATA_DIR")
+        shared = shared_data_path()
         folder = os.path.join(shared, "gpt1-bpe") if shared else None
         if not folder or not os.path.isfile(os.path.join(folder, "vocab.json")):
             self.skipTest("the real GPT-1 tokenizer files are not available (SHARED_DATA_DIR)")

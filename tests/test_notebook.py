@@ -14,6 +14,8 @@ import unittest
 
 import nbformat
 
+from utils.cli import shared_data_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "main.ipynb")
 REQUIRED_PARAMETERS = ("SMOKE", "EXP_ID", "EPOCHS")
@@ -114,7 +116,7 @@ class SmokeRunTest(unittest.TestCase):
         if os.environ.get(RUNNING_FLAG):
             self.skipTest(f"{RUNNING_FLAG} is set: this is the notebook's own unit-test cell, and "
                           "executing the notebook here would start it again")
-        if not os.environ.get("SHARED_DATA_DIR"):
+        if not shared_data_path():
             self.skipTest("SHARED_DATA_DIR is not set: the notebook would download the data "
                           "(CI points it at ../shared/data)")
 

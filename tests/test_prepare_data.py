@@ -26,10 +26,11 @@ from safetensors.numpy import save_file
 from tests.test_download import FAST, UNREACHABLE, FixtureServer, sha256
 from tests.test_tokenization import write_tiny_tokenizer
 from utils import prepare_data as pd
+from utils.cli import shared_data_path
 from utils.download import RemoteFile
 from utils.tokenization import GPT1Tokenizer
 
-SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR")
+SHARED_DATA_DIR = shared_data_path()
 RAW_TEXT = {
     "train": " \n = Valkyria = \n \n The cat sat on the mat . \n Café , the end ! \n \n",
     "validation": " \n = Heading = \n \n The cat . \n",

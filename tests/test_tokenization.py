@@ -17,9 +17,10 @@ from unittest import mock
 import numpy as np
 
 from utils import bench_tokenizer
+from utils.cli import shared_data_path
 from utils.tokenization import GPT1Tokenizer
 
-SHARED_DATA_DIR = os.environ.get("SHARED_DATA_DIR")
+SHARED_DATA_DIR = shared_data_path()
 SPLITS = ("train", "validation", "test")
 # Written where the course wrote <unk>: a character outside GPT-1's vocabulary.
 UNK_STANDIN = "\u2013"

@@ -190,8 +190,9 @@ class TrainingState:
         """Write the state as a checkpoint; without the optimizer's part it only serves inference."""
         bookkeeping = {"epochs": self.epochs, "best": self.best}
         if with_optimizer:
-            save_checkpoint(path, self.config, self.model, self.optimizer, self.scheduler, self.epoch,
-                            self.steps, bookkeeping, grad_scaler=self.scaler)
+            save_checkpoint(path, self.config, self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, epoch=self.epoch, steps=self.steps,
+                            state=bookkeeping, grad_scaler=self.scaler)
         else:
             save_checkpoint(path, self.config, self.model, epoch=self.epoch, steps=self.steps,
                             state=bookkeeping)
@@ -366,7 +367,7 @@ def evaluate(batch_loss, data, *, processes, batch_size, limit=None, progress=Fa
     return split_figures(processes, nll_sum, tokens, started)
 
 
-def epoch_entry(epoch, trained, validated, cumulative, lr, processes):
+def epoch_entry(epoch, trained, validated, *, cumulative, lr, processes):
     """The log's entry for one finished epoch (see utils/data_utils.py)."""
     device = processes.device
     gpu = None
@@ -494,8 +495,9 @@ class Run:
         steps_per_epoch = math.ceil(len(self.data["train"]["source"]) / config.batch_size)
         if config.limit_batches:
             steps_per_epoch = min(steps_per_epoch, config.limit_batches)
-        self.state = TrainingState(config, model, optimizer, make_grad_scaler(config, device),
-                                   make_scheduler(config, optimizer, steps_per_epoch))
+        self.state = TrainingState(config=config, model=model, optimizer=optimizer,
+                                   scaler=make_grad_scaler(config, device),
+                                   scheduler=make_scheduler(config, optimizer, steps_per_epoch))
         self.log = {"exp_id": config.exp_id, "status": "running", "message": None,
                     "config": config.to_dict(), "environment": environment(processes, config),
                     "parameters": parameters, "epochs": [], "best": None, "test": None}
@@ -565,7 +567,8 @@ class Run:
                              progress=progress, description=f"epoch {epoch}/{config.epochs} valid")
         previous = state.epochs[-1]["cumulative_seconds"] if state.epochs else 0.0
         cumulative = previous + trained["seconds"] + validated["seconds"]
-        state.epochs.append(epoch_entry(epoch, trained, validated, cumulative, lr, processes))
+        state.epochs.append(epoch_entry(epoch, trained, validated, cumulative=cumulative, lr=lr,
+                                        processes=processes))
         improved = state.best is None or validated["loss"] < state.best["valid_loss"]
         if improved:
             state.best = {"epoch": epoch, "valid_loss": validated["loss"], "valid_ppl": validated["ppl"]}
