@@ -1,6 +1,7 @@
 """The Wikitext2 dataset, GPT1Embedding and the small torch helpers."""
 import hashlib
 import os
+import shutil
 import tempfile
 import unittest
 
@@ -97,6 +98,77 @@ class SmallFileTest(unittest.TestCase):
             Wikitext2(self.folder, "validation")
 
 
+class CourseBreakModeTest(unittest.TestCase):
+    """"lines" and "complete" as the course defines them, on streams whose token id is index + 1.
+
+    Each expected list was worked out by hand: the `lines` chunks of every document (at most
+    max_length + 1 tokens, overlapping by one), then for "complete" the chunks of at most
+    min_length tokens dropped, consecutive survivors merged while their lengths add up to at most
+    max_length + 1, each merge the stretch [first begin, first begin + summed lengths).
+    """
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def bounds(self, documents, **kwargs):
+        write_split(self.folder, "train", documents)
+        return Wikitext2(self.folder, "train", **kwargs).bounds
+
+    def test_long_line_tail_merges_with_the_short_lines_after_it(self):
+        # Stream indices: [0..7) [7, 9) [9] [10..13) [13, 15).
+        documents = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10], [11, 12, 13], [14, 15]]
+        self.assertEqual(self.bounds(documents, break_mode="lines", max_length=4),
+                         [(0, 5), (4, 7), (7, 9), (10, 13), (13, 15)])  # (9, 10) dropped
+        # (4, 7) + (7, 9): 3 + 2 = 5 tokens; (10, 13) + (13, 15): 3 + 2.
+        self.assertEqual(self.bounds(documents, break_mode="complete", max_length=4),
+                         [(0, 5), (4, 9), (10, 15)])
+        dataset = Wikitext2(self.folder, "train", break_mode="complete", max_length=4)
+        self.assertEqual(dataset[1]["source"].tolist(), [5, 6, 7, 8])
+        self.assertEqual(dataset[1]["target"].tolist(), [6, 7, 8, 9])
+        self.assertEqual(dataset[2]["source"].tolist(), [11, 12, 13, 14])
+        self.assertEqual(dataset[2]["target"].tolist(), [12, 13, 14, 15])
+        self.assertEqual(dataset[2]["mask"].tolist(), [1, 1, 1, 1])
+
+    def test_lines_of_one_token(self):
+        # Stream indices: [0] [1] [2, 3] [4] [5].
+        documents = [[1], [2], [3, 4], [5], [6]]
+        self.assertEqual(self.bounds(documents, break_mode="lines", max_length=3, min_length=0),
+                         [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)])
+        # 1 + 1 + 2 = 4 tokens, then 1 + 1.
+        self.assertEqual(self.bounds(documents, break_mode="complete", max_length=3, min_length=0),
+                         [(0, 4), (4, 6)])
+        # min_length=1 drops every one-token line before merging: (2, 4) is left alone.
+        self.assertEqual(self.bounds(documents, break_mode="lines", max_length=3), [(2, 4)])
+        self.assertEqual(self.bounds(documents, break_mode="complete", max_length=3), [(2, 4)])
+        dataset = Wikitext2(self.folder, "train", break_mode="lines", max_length=3, min_length=0)
+        self.assertEqual(dataset[0]["mask"].tolist(), [0, 0, 0])  # one token: nothing to predict
+
+    def test_min_length_above_one(self):
+        # Stream indices: [0..3) [3, 5) [5..8) [8..15) [15..18); a chunk holds at most 6 tokens.
+        documents = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [16, 17, 18]]
+        self.assertEqual(self.bounds(documents, break_mode="lines", max_length=5),
+                         [(0, 3), (3, 5), (5, 8), (8, 14), (13, 15), (15, 18)])
+        # min_length=1: 3 + 2; 3; 6; the long line's tail (13, 15) + (15, 18) = 2 + 3.
+        self.assertEqual(self.bounds(documents, break_mode="complete", max_length=5),
+                         [(0, 5), (5, 8), (8, 14), (13, 18)])
+        self.assertEqual(self.bounds(documents, break_mode="lines", max_length=5, min_length=2),
+                         [(0, 3), (5, 8), (8, 14), (15, 18)])
+        # min_length=2 drops (3, 5) and the tail (13, 15) first. (0, 3) + (5, 8) = 6 tokens from
+        # index 0: the stretch holds the dropped [4, 5] and stops before 7, 8.
+        self.assertEqual(self.bounds(documents, break_mode="complete", max_length=5, min_length=2),
+                         [(0, 6), (8, 14), (15, 18)])
+        dataset = Wikitext2(self.folder, "train", break_mode="complete", max_length=5, min_length=2)
+        self.assertEqual(dataset[0]["source"].tolist(), [1, 2, 3, 4, 5])
+        self.assertEqual(dataset[2]["source"].tolist(), [16, 17, 0, 0, 0])
+        self.assertEqual(dataset[2]["mask"].tolist(), [1, 1, 0, 0, 0])
+
+    def test_num_tokens_and_num_lines(self):
+        write_split(self.folder, "train", [[1, 2, 3], [4], [5, 6]])
+        dataset = Wikitext2(self.folder, "train", break_mode="complete", max_length=4)
+        self.assertEqual((dataset.num_tokens, dataset.num_lines), (6, 4))
+
+
 class RealDataTest(unittest.TestCase):
     """The course's preprocessed files (skipped where SHARED_DATA_DIR does not lead to them)."""
 
@@ -110,6 +182,15 @@ class RealDataTest(unittest.TestCase):
         first = Wikitext2(self.folder, "test")[0]
         self.assertEqual(first["source"][:5].tolist(), [304, 4731, 8406, 614, 304])
         self.assertTrue(torch.equal(first["source"][1:], first["target"][:-1]))
+
+    def test_break_mode_counts_and_sizes(self):
+        counts = {split: [len(Wikitext2(self.folder, split, break_mode=mode))
+                          for mode in ("none", "lines", "complete")]
+                  for split in ("train", "validation", "test")}
+        self.assertEqual(counts, {"train": [9205, 25248, 12194], "validation": [958, 2596, 1267],
+                                  "test": [1090, 3063, 1425]})
+        test = Wikitext2(self.folder, "test")
+        self.assertEqual((test.num_tokens, test.num_lines), (279023, 2892))
 
     def test_every_token_is_a_target_once(self):
         dataset = Wikitext2(self.folder, "validation")

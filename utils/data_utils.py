@@ -24,6 +24,11 @@ A run writes `LOG_DIR/EXP_ID/log.json`, rewritten atomically after every epoch:
     }
 
 Losses are per-token mean NLL in nats; a perplexity is exp(summed NLL / number of real tokens).
+
+The course's own starter `run_exp.py` logs instead through `save_logs`, into `LOG_DIR/EXP_ID/`:
+`args.json` (the arguments' attributes, JSON indented by 2), one value per line without a final
+newline in `{train,valid}_{loss,ppl,time}.txt` (one line per epoch), and one value followed by a
+newline in `test_{loss,ppl,time}.txt`. Each value is written as `str()` writes it.
 """
 import json
 import math
@@ -147,3 +152,33 @@ def read_logs(log_dirs):
         log["path"] = path
         logs.append(log)
     return logs, problems
+
+
+COURSE_EPOCH_FILES = ("train_loss", "train_ppl", "train_time", "valid_loss", "valid_ppl", "valid_time")
+COURSE_TEST_FILES = ("test_loss", "test_ppl", "test_time")
+
+
+def save_logs(args, train_losses, train_ppls, train_times, valid_losses, valid_ppls, valid_times,
+              test_loss, test_ppl, test_time):
+    """Write the course's text logs (see the module docstring) for the course's `run_exp.py`.
+
+    `args` is the script's argparse Namespace (or the notebook's dataclass): any object whose
+    attributes include `log_dir` and `exp_id`; all its attributes go to `args.json`. Returns the
+    run's folder, `LOG_DIR/EXP_ID`.
+    """
+    arguments = dict(vars(args))
+    missing = [name for name in ("log_dir", "exp_id") if name not in arguments]
+    if missing:
+        raise ValueError(f"save_logs needs args with attributes log_dir and exp_id; "
+                         f"{type(args).__name__} lacks {', '.join(missing)}")
+    folder = os.path.join(os.fspath(arguments["log_dir"]), str(arguments["exp_id"]))
+    # default=str: a value JSON cannot hold (a torch.device, a Path) is written as its text.
+    atomic_write_bytes(os.path.join(folder, "args.json"),
+                       json.dumps(arguments, indent=2, default=str).encode("utf-8"))
+    epoch_lists = (train_losses, train_ppls, train_times, valid_losses, valid_ppls, valid_times)
+    for name, values in zip(COURSE_EPOCH_FILES, epoch_lists):
+        text = "\n".join(str(value) for value in values)
+        atomic_write_bytes(os.path.join(folder, f"{name}.txt"), text.encode("utf-8"))
+    for name, value in zip(COURSE_TEST_FILES, (test_loss, test_ppl, test_time)):
+        atomic_write_bytes(os.path.join(folder, f"{name}.txt"), f"{value}\n".encode("utf-8"))
+    return folder

@@ -10,9 +10,24 @@ becomes examples of `max_length` inputs, with break_mode="none" and max_length=4
     target   b c d e      f g h i     j k 0 0       (chunk[1:])
     mask     1 1 1 1      1 1 1 1     1 1 0 0
 
-"lines" chunks every document on its own; "complete" packs whole documents into chunks while
-they fit in max_length + 1 tokens and chunks a document that is longer on its own. A chunk of
-at most `min_length` tokens is dropped (it has too few targets to learn from).
+"lines" chunks every document on its own, the same way. "complete" (the course's definition) takes
+the chunks of "lines", drops those of at most `min_length` tokens, then walks the rest in order and
+merges consecutive chunks while their lengths add up to at most max_length + 1. With max_length=4
+and min_length=1:
+
+    documents  [a b c d e f g] [h i] [j] [k l m]
+    lines      [a b c d e] [e f g] [h i] [j] [k l m]     ([j] is then dropped)
+    complete   [a b c d e] [e f g h i] [k l m]           ([j] dropped before merging)
+
+A full chunk (max_length + 1 tokens) is always an example of its own, but the tail of a long
+document shares its example with the short documents after it. A merged example is the stretch
+of the stream that starts where its first chunk starts and is as long as its chunks' lengths
+added up, so a dropped chunk between two merged ones lies inside it and its last chunk loses as
+many tokens at the end:
+
+    documents  [a b] [c] [d e]   ->   complete  [a b c d]    (min_length=1: [c] in, e out)
+
+In every mode an example of at most `min_length` tokens is dropped (too few targets to learn from).
 """
 import os
 
@@ -97,25 +112,29 @@ class Wikitext2(Dataset):
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         documents = [(int(offsets[i]), int(offsets[i + 1])) for i in range(len(self.sizes))
                      if self.sizes[i] > 0]
+        chunks = [c for b, e in documents for c in chunk_bounds(b, e, self.max_length)]
         if self.break_mode == "lines":
-            return [c for b, e in documents for c in chunk_bounds(b, e, self.max_length)]
-        # "complete": documents are contiguous, so a pack is one slice of the stream.
-        packs, pack_begin, pack_end = [], None, None
-        for begin, end in documents:
-            if end - begin > self.max_length + 1:
-                if pack_begin is not None:
-                    packs.append((pack_begin, pack_end))
-                    pack_begin = None
-                packs.extend(chunk_bounds(begin, end, self.max_length))
-            elif pack_begin is not None and end - pack_begin <= self.max_length + 1:
-                pack_end = end
+            return chunks
+        examples = []  # "complete": [begin, length] of each merged example
+        for begin, end in chunks:
+            length = end - begin
+            if length <= self.min_length:
+                continue
+            if examples and examples[-1][1] + length <= self.max_length + 1:
+                examples[-1][1] += length
             else:
-                if pack_begin is not None:
-                    packs.append((pack_begin, pack_end))
-                pack_begin, pack_end = begin, end
-        if pack_begin is not None:
-            packs.append((pack_begin, pack_end))
-        return packs
+                examples.append([begin, length])
+        return [(begin, begin + length) for begin, length in examples]
+
+    @property
+    def num_tokens(self):
+        """Number of tokens of the split, padding aside (the course's dataset has it)."""
+        return int(self.tokens.size)
+
+    @property
+    def num_lines(self):
+        """Number of documents + 1, as the course counts them: its offsets array, leading 0 included."""
+        return len(self.sizes) + 1
 
     def __len__(self):
         return len(self.bounds)
