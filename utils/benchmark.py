@@ -13,9 +13,10 @@ same process on the same weights and batch of random token ids:
 - reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
   `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
   default AdamW;
-- fast: what `run_exp.py` does by default: `BatchLoss(fused=True)` (scaled-dot-product attention
-  after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked NLL) and the fused AdamW; on CUDA also bf16
-  autocast with dynamic loss scaling and TF32; fp32 on the CPU.
+- fast: what the training loop does by default: `BatchLoss(fused=True)` (scaled-dot-product
+  attention after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked
+  NLL) and the fused AdamW; on CUDA also autocast (`--precision auto`: bf16, or fp16 before sm_80)
+  with dynamic loss scaling and TF32; fp32 on the CPU.
 
 How each path is measured:
 
