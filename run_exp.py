@@ -10,18 +10,23 @@ The course's command line over the library: flags -> configs (utils/config.py) -
 (utils/training.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
 last.pt and best.pt.
 """
+import functools
 import json
 import os
 import sys
+import time
 
 import torch.distributed as dist
 
 from utils.checkpoint import CheckpointError
-from utils.cli import OneLineParser, UsageError, fail
+from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, positive_int
 from utils.config import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, expand_exp_ids, resolve_config
 from utils.data_utils import LogError
 from utils.prepare_data import DataUnavailableError
-from utils.training import RunOptions, TrainingStopped, existing_run, run_experiment
+from utils.run_folder import describe_os_error
+from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
+                         worker_command_line)
+from utils.training import RunOptions, TrainingStopped, run_experiment, signals_interrupt
 
 PROG = "run_exp.py"
 
@@ -58,24 +63,29 @@ def parse_args(argv=None):
     add("--hidden_size", type=int, default=None, help="LSTM hidden size (default: 512)")
     add("--num_heads", type=int, default=None, help="attention heads (default: 12)")
     add("--sequence_length", type=int, default=None, help="tokens per example (default: 256)")
+    add("--dropout", type=float, default=None,
+        help="dropout probability, as GPT-1 places it (default: 0, the course's models)")
     add("--limit_batches", type=int, default=None, help="at most K batches per split and epoch")
     add("--max_steps", type=int, default=None, help="stop training after S optimizer steps in all")
     add("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: none)")
     add("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value")
     add("--precision", choices=PRECISIONS, default=None,
-        help="auto: bf16 autocast on CUDA (with loss scaling), fp32 on the CPU; fp32 turns mixed "
-             "precision off")
+        help="auto (the default): bf16 autocast on GPUs with native bf16 (sm_80+), fp16 with loss "
+             "scaling on older ones (a T4), fp32 on the CPU and on the reference path")
     add("--no_fused", dest="fused", action="store_false", default=None,
         help="the reference path: the course's explicit attention and dense log-probabilities")
     add("--compile", action="store_true", default=None, help="torch.compile the model and loss")
     add("--resume", action="store_true", help="continue the run in LOG_DIR/EXP_ID from last.pt")
-    add("--overwrite", action="store_true", help="delete what LOG_DIR/EXP_ID holds and start again")
+    add("--overwrite", action="store_true",
+        help="start again: what LOG_DIR/EXP_ID holds is deleted once the new run has written its log")
+    add("--jobs", type=positive_int, default=1,
+        help="with several ids: run up to K at once, each in a process of its own on the same device")
     return parser.parse_args(argv)
 
 
 OVERRIDES = ("data_folder", "batch_size", "model", "embeddings", "layers", "epochs", "optimizer",
              "lr", "momentum", "weight_decay", "seed", "embedding_size", "hidden_size", "num_heads",
-             "sequence_length", "limit_batches", "max_steps", "scheduler", "clip_grad_norm",
+             "sequence_length", "dropout", "limit_batches", "max_steps", "scheduler", "clip_grad_norm",
              "precision", "fused", "compile")
 
 
@@ -87,41 +97,59 @@ def configs_from_args(args):
     return [resolve_config(exp_id, **overrides) for exp_id in expand_exp_ids(args.exp_id)]
 
 
-def run_configs(configs, args):
-    """Run each config; with several, finished runs are skipped and interrupted ones resumed."""
-    several = len(configs) > 1
-    for config in configs:
-        options = RunOptions(log_dir=args.log_dir, write_logs=not args.no_log, resume=args.resume,
-                             overwrite=args.overwrite, device=args.device,
-                             progress_bar=args.progress_bar, print_every=args.print_every,
-                             num_workers=args.num_workers)
-        if several and options.write_logs:
-            log, has_checkpoint = existing_run(os.path.join(args.log_dir, config.exp_id))
-            if log is not None and log["status"] == "finished":
-                print(f"exp {config.exp_id}: finished already, skipped")
-                continue
-            options.resume = options.resume or has_checkpoint
-        run_experiment(config, options)
+FAILURES = (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError, DataUnavailableError,
+            TrainingStopped)
+
+
+def run_set(configs, args, argv):
+    """Several configs: in turn, or `--jobs` at a time; the summary table at the end."""
+    options = run_options(args)
+    if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--jobs runs processes of its own: use it without torchrun")
+    started = time.perf_counter()
+    try:
+        if args.jobs > 1:
+            outcomes = run_in_parallel([config.exp_id for config in configs],
+                                       functools.partial(worker_command_line, argv), args.log_dir,
+                                       args.jobs, options.write_logs)
+        else:
+            outcomes = run_in_turn(configs, options, run_experiment, FAILURES)
+    except StudyInterrupted as stopped:
+        print(summary_table(stopped.outcomes), flush=True)
+        raise
+    print(f"\n{len(configs)} configuration(s) in {time.perf_counter() - started:.1f} s:")
+    print(summary_table(outcomes), flush=True)
+    return exit_code(outcomes)
+
+
+def run_options(args):
+    return RunOptions(log_dir=args.log_dir, write_logs=not args.no_log, resume=args.resume,
+                      overwrite=args.overwrite, device=args.device, progress_bar=args.progress_bar,
+                      print_every=args.print_every, num_workers=args.num_workers)
 
 
 def main(argv=None):
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    one_line_warnings()
     try:
-        args = parse_args(argv)
-        configs = configs_from_args(args)
-        if args.print_config:
-            resolved = [config.to_dict() for config in configs]
-            print(json.dumps(resolved[0] if len(resolved) == 1 else resolved, indent=2))
+        with signals_interrupt():
+            args = parse_args(argv)
+            configs = configs_from_args(args)
+            if args.print_config:
+                resolved = [config.to_dict() for config in configs]
+                print(json.dumps(resolved[0] if len(resolved) == 1 else resolved, indent=2))
+                return 0
+            if len(configs) > 1:
+                return run_set(configs, args, argv)
+            run_experiment(configs[0], run_options(args))
             return 0
-        run_configs(configs, args)
-        return 0
-    except (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError,
-            DataUnavailableError) as error:
-        return fail(PROG, error, 2)
-    except TrainingStopped as error:
-        return fail(PROG, error, 1)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
+    except FAILURES as error:
+        return fail(PROG, error)
+    except OSError as error:
+        return fail(PROG, f"{error.filename or 'a file'}: {describe_os_error(error)}", 2)
+    except KeyboardInterrupt as interrupt:
+        print(f"{PROG}: stopped; continue with the same command and --resume", file=sys.stderr)
+        return getattr(interrupt, "exit_code", 130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

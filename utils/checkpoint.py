@@ -9,11 +9,17 @@ A checkpoint is a dict saved with `torch.save` and read back with `weights_only=
      files), "epoch": finished epochs, "steps": optimizer steps so far, "state": the loop's resumable
      bookkeeping (JSON-like), "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}}
 
+After the pickled dict, the file ends with one line `wikitext2-lm-sha256:<hex>` holding the
+sha256 of the bytes before it, so that a damaged file is refused rather than trained on (PyTorch's
+reader ignores the line). Files written before the digest existed still load, with a warning.
+
 Whole modules are never pickled: a model is rebuilt from the config and its state_dict loaded.
 """
+import hashlib
 import io
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -22,10 +28,16 @@ from utils.data_utils import atomic_write_bytes
 from utils.torch_utils import unwrap
 
 CHECKPOINT_FORMAT = "wikitext2-lm-checkpoint/1"
+DIGEST_PREFIX = b"\nwikitext2-lm-sha256:"
+DIGEST_LINE_BYTES = len(DIGEST_PREFIX) + 64 + 1  # prefix, 64 hex digits, "\n"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not in this package's format."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes no longer match the digest written with them."""
 
 
 def model_size(model):
@@ -67,7 +79,38 @@ def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    atomic_write_bytes(path, data + DIGEST_PREFIX + digest + b"\n")
+
+
+def verify_checkpoint(path):
+    """True when `path` carries a digest that matches its bytes, False when it has none (older files).
+
+    Raises DamagedCheckpointError when the digest does not match, and OSError when unreadable.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        if size < DIGEST_LINE_BYTES:
+            return False
+        file.seek(size - DIGEST_LINE_BYTES)
+        line = file.read()
+        if not line.startswith(DIGEST_PREFIX):
+            return False
+        expected = line[len(DIGEST_PREFIX):-1].decode("ascii", "replace")
+        digest = hashlib.sha256()
+        file.seek(0)
+        remaining = size - DIGEST_LINE_BYTES
+        while remaining:
+            block = file.read(min(remaining, 1 << 22))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    if digest.hexdigest() != expected:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: its bytes do not match the sha256 "
+                                     "written with them")
+    return True
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -76,6 +119,13 @@ def read_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (train one with `python run_exp.py`, "
                               "which writes LOG_DIR/EXP_ID/best.pt and last.pt)")
+    try:
+        verified = verify_checkpoint(path)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} is not readable ({error.strerror})") from None
+    if not verified:
+        warnings.warn(f"checkpoint {path} has no digest (written before they existed): "
+                      "loaded unverified", stacklevel=2)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,

@@ -11,6 +11,7 @@ import argparse
 import os
 import platform
 import sys
+import warnings
 
 SHARED_DATA_ENV = "SHARED_DATA_DIR"
 
@@ -126,7 +127,15 @@ def shared_data_path(*parts):
     return os.path.join(root, *parts) if root else None
 
 
-def fail(prog, error, code=2):
-    """Print `error` as the one line a command ends with, and return the exit code to use."""
+def fail(prog, error, code=None):
+    """Print `error` as the one line a command ends with, and return the exit code to use.
+
+    The code is the error's own `exit_code` when it has one, else 2 (input the user can fix).
+    """
     print(f"{prog}: error: {error}", file=sys.stderr)
-    return code
+    return code if code is not None else getattr(error, "exit_code", 2)
+
+
+def one_line_warnings():
+    """Show Python warnings as one `warning: ...` line on stderr, as the rest of the output."""
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("none", "cosine")
 DEFAULT_EMBEDDINGS = "auto"  # DATA_FOLDER/embeddings.npz, GPT-1's pretrained weights
 NO_EMBEDDINGS = "none"  # learn the embeddings from a random initialisation
+MAX_EXP_ID_BYTES = 200  # a folder name; file systems allow 255 bytes
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ExperimentConfig:
     hidden_size: int = 512
     num_heads: int = 12
     sequence_length: int = 256
+    dropout: float = 0.0  # LSTM: embeddings and between layers; MiniGPT1: embeddings, attention, residuals
     # Options that change training only when asked for.
     scheduler: str = "none"
     clip_grad_norm: Optional[float] = None
@@ -68,14 +70,19 @@ class ExperimentConfig:
             fail("lr", "a finite number > 0")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             fail("momentum", "a number in [0, 1)")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            fail("dropout", "a probability in [0, 1)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             fail("weight_decay", "a finite number >= 0")
         if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
             fail("clip_grad_norm", "a finite number > 0 (or leave it out)")
         if self.model == "gpt1" and self.embedding_size % self.num_heads:
             fail("num_heads", f"a divisor of embedding_size={self.embedding_size}")
-        if not str(self.exp_id) or any(c in str(self.exp_id) for c in "/\\ ,") or str(self.exp_id) in (".", ".."):
-            fail("exp_id", "a number 1..12 or a name without '/', '\\', ',' or spaces")
+        exp_id = str(self.exp_id)
+        if (not exp_id or not exp_id.isprintable() or any(c in exp_id for c in "/\\ ,")
+                or exp_id in (".", "..") or len(exp_id.encode()) > MAX_EXP_ID_BYTES):
+            fail("exp_id", f"a number 1..12 or a name of printable characters without '/', '\\', ',' or "
+                           f"spaces, at most {MAX_EXP_ID_BYTES} bytes")
 
     @property
     def learn_embeddings(self):
@@ -129,6 +136,9 @@ def expand_exp_ids(text):
     """"all" -> "1".."12"; "1,2,5" -> ["1", "2", "5"]; a single id -> [id]. Numbers must be presets."""
     text = str(text).strip()
     ids = list(EXPERIMENTS) if text == "all" else [part.strip() for part in text.split(",")]
+    if text != "all" and "all" in ids:
+        raise ValueError(f"--exp_id {text!r} mixes 'all' into a list: use --exp_id all alone, or list "
+                         "the ids, like 1,2,5")
     for exp_id in ids:
         if exp_id.isdigit() and exp_id.lstrip("0") not in EXPERIMENTS or not exp_id:
             raise ValueError(f"--exp_id {exp_id!r} is not an experiment: valid ids are 1..12, "

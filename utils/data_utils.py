@@ -7,13 +7,17 @@ A run writes `LOG_DIR/EXP_ID/log.json`, rewritten atomically after every epoch:
       "exp_id": "6", "status": "running" | "finished" | "failed" | "stopped",
       "message": null or why the run stopped,
       "config": {...ExperimentConfig...},
-      "environment": {"python", "torch", "numpy", "device", "device_name", "cuda", "world_size", ...},
+      "environment": {"python", "torch", "numpy", "platform", "device", "device_name", "cuda", "cudnn",
+                      "world_size", "autocast" (bf16 | fp16 | fp32), "precision_reason", "fused",
+                      "compile"},
       "parameters": {"total": int, "learnable": int},
       "epochs": [  # one entry per finished epoch, epoch numbers from 1
         {"epoch", "steps", "train_loss", "train_ppl", "valid_loss", "valid_ppl",
          "train_seconds", "valid_seconds", "cumulative_seconds",
          "train_tokens", "train_tokens_per_second", "valid_tokens_per_second", "lr",
-         "gpu_memory_mb": {"steady", "peak_allocated", "peak_reserved"} or null,
+         "gpu_memory_mb": {"steady", "steady_source" ("nvml": as nvidia-smi shows it, or
+                           "torch_reserved": without the CUDA context), "peak_allocated",
+                           "peak_reserved"} or null,
          "cpu_rss_mb"}
       ],
       "best": {"epoch", "valid_loss", "valid_ppl"} or null,
@@ -45,6 +49,13 @@ class LogError(ValueError):
     """A log file that cannot be read or does not follow the format; the message names the file."""
 
 
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data):
     """Write `data` to `path` through a temporary file and a rename: a crash leaves old or new."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -55,6 +66,7 @@ def atomic_write_bytes(path, data):
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -21,20 +22,59 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from utils.checkpoint import read_checkpoint, restore_rng_state, save_checkpoint
+from utils.checkpoint import (CheckpointError, DamagedCheckpointError, read_checkpoint, restore_rng_state,
+                              save_checkpoint, verify_checkpoint)
 from utils.cli import UsageError, environment_record, resolve_device
 from utils.config import DEFAULT_EMBEDDINGS, ExperimentConfig
-from utils.data_utils import LOG_NAME, read_log, write_log
+from utils.data_utils import LOG_NAME, write_log
 from utils.fast_path import BatchLoss
 from utils.language_model import perplexity
 from utils.models import count_parameters, model_for_config
 from utils.prepare_data import ensure_data
+from utils.run_folder import (FolderContents, RunLock, check_writable_folder, describe_os_error,
+                              drop_replaced, move_aside, put_back, recover, remove_stale_temporaries)
 from utils.torch_utils import seed_experiment, to_device, unwrap
 from utils.wikitext2 import SPLITS, Wikitext2
 
 
 class TrainingStopped(Exception):
     """The run could not go on (non-finite loss, out of memory): printed as one line, exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run ends as "stopped", and the process with 128 + the signal's number."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """Within the block, SIGINT and SIGTERM raise `Interrupted`, so that a run can record its stop.
+
+    Without it SIGTERM kills the process where it stands: the log says "running" for ever and a
+    file being written leaves its temporary behind.
+    """
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,16 +226,11 @@ class TrainingState:
         """The number of finished epochs."""
         return len(self.epochs)
 
-    def save(self, path, with_optimizer=True):
-        """Write the state as a checkpoint; without the optimizer's part it only serves inference."""
-        bookkeeping = {"epochs": self.epochs, "best": self.best}
-        if with_optimizer:
-            save_checkpoint(path, self.config, self.model, optimizer=self.optimizer,
-                            scheduler=self.scheduler, epoch=self.epoch, steps=self.steps,
-                            state=bookkeeping, grad_scaler=self.scaler)
-        else:
-            save_checkpoint(path, self.config, self.model, epoch=self.epoch, steps=self.steps,
-                            state=bookkeeping)
+    def save(self, path):
+        """Write the whole state as a checkpoint: enough to continue the run from it."""
+        save_checkpoint(path, self.config, self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, epoch=self.epoch, steps=self.steps,
+                        state={"epochs": self.epochs, "best": self.best}, grad_scaler=self.scaler)
 
     def restore(self, payload):
         """Continue from a checkpoint's payload: weights, optimizer, schedule, scaling, RNG, counts."""
@@ -412,40 +447,77 @@ class RunOptions:
             self.progress_bar = sys.stderr.isatty()
 
 
-RUN_FILES = (LOG_NAME, "last.pt", "best.pt")
 # Fields that may change when a run is resumed: asking for more epochs or steps continues it.
 RESUMABLE_CHANGES = {"epochs", "max_steps"}
 
 
-def existing_run(run_dir):
-    """`(log or None, has_checkpoint)` of what a run folder already holds."""
-    log = None
-    if os.path.isfile(os.path.join(run_dir, LOG_NAME)):
-        log = read_log(os.path.join(run_dir, LOG_NAME))
-    return log, os.path.isfile(os.path.join(run_dir, "last.pt"))
+def usable_checkpoint(contents):
+    """The payload to continue the folder's run from: last.pt, or best.pt when there is no last.pt.
+
+    A damaged last.pt is refused in one line that names best.pt when that one verifies.
+    """
+    if contents.last is None and contents.best is None:
+        return None
+    path = contents.last or contents.best
+    try:
+        payload = read_checkpoint(path)
+    except DamagedCheckpointError as error:
+        raise CheckpointError(f"{error}; {alternative(contents, path)}") from None
+    if payload.get("optimizer") is None:
+        raise CheckpointError(f"{path} holds no optimizer state (a best.pt written before best "
+                              "checkpoints were complete): it serves generation and the report, not "
+                              f"--resume; {alternative(contents, path)}")
+    if path == contents.best:
+        print(f"note: {contents.run_dir} has no last.pt: continuing from best.pt (epoch "
+              f"{payload['epoch']})", file=sys.stderr)
+    return payload
 
 
-def checkpoint_to_resume(config, options, run_dir):
-    """The payload of last.pt to continue from, or None to start afresh (after the checks)."""
-    if not options.write_logs:
-        return None
-    log, has_checkpoint = existing_run(run_dir)
-    if log is None and not has_checkpoint:
-        return None
+def alternative(contents, refused):
+    """What to do instead of `refused`: the run's other checkpoint if it verifies, else start again."""
+    other = contents.best if refused == contents.last else contents.last
+    if other is not None:
+        try:
+            verify_checkpoint(other)
+            epoch = read_checkpoint(other).get("epoch")
+            return (f"{other} verifies (epoch {epoch}): copy it over {refused} and add --resume to "
+                    "continue from it, or --overwrite to start again")
+        except (CheckpointError, OSError):
+            pass
+    return "use --overwrite to start again"
+
+
+def plan_start(config, options, contents):
+    """`(payload or None, replace_old)`: where the run starts, after the checks.
+
+    `payload` is the checkpoint to continue from; `replace_old` says that what the folder holds is
+    to be moved aside, and deleted once the new run has written its first log.
+    """
+    if contents is None or contents.empty:
+        return None, False
     if options.overwrite:
-        for name in RUN_FILES:
-            with contextlib.suppress(FileNotFoundError):  # another process may have removed it
-                os.remove(os.path.join(run_dir, name))
-        return None
+        return None, True
+    died = contents.log is not None and contents.log.get("status") == "running"  # we hold the lock
     if not options.resume:
-        done = f"{len(log['epochs'])} epoch(s) logged, status {log['status']}" if log else "a checkpoint"
-        raise UsageError(f"{run_dir} already holds a run ({done}): add --resume to continue it, "
-                         "--overwrite to start again, or choose another --exp_id / --log_dir")
-    if not has_checkpoint:
-        raise UsageError(f"{run_dir} holds a log but no last.pt to resume from: "
-                         "use --overwrite to start again")
-    payload = read_checkpoint(os.path.join(run_dir, "last.pt"))
-    stored = payload["config"]
+        note = " whose process died" if died else ""
+        raise UsageError(f"{contents.run_dir} already holds a run{note} ({contents.describe()}): add "
+                         "--resume to continue it, --overwrite to start again, or choose another "
+                         "--exp_id / --log_dir")
+    if died:
+        print(f"note: {contents.run_dir}: the log says running but no process holds the folder: "
+              "the previous run died (killed?); continuing from its last checkpoint", file=sys.stderr)
+    payload = usable_checkpoint(contents)
+    if payload is None:
+        if contents.epochs_logged == 0:  # stopped in its first epoch: nothing to continue from
+            return None, True
+        raise UsageError(f"{contents.run_dir} holds {contents.describe()} but no checkpoint to resume "
+                         "from: use --overwrite to start again")
+    check_same_config(config, payload["config"])
+    return payload, False
+
+
+def check_same_config(config, stored):
+    """Refuse to resume with flags that change what the run computes (epochs and steps may grow)."""
     derived = set() if config.learn_embeddings else {"embedding_size"}  # read from the file
     changed = sorted(key for key, value in config.to_dict().items() if key in stored
                      and stored[key] != value and key not in RESUMABLE_CHANGES | derived)
@@ -453,7 +525,13 @@ def checkpoint_to_resume(config, options, run_dir):
         details = ", ".join(f"{key}: {stored[key]!r} -> {getattr(config, key)!r}" for key in changed)
         raise UsageError(f"--resume with a different configuration ({details}): "
                          "use the run's own flags, or --overwrite to start again")
-    return payload
+
+
+def resumed_config(config, payload):
+    """The stored config, with the epochs and steps asked for; never fewer epochs than it has run."""
+    done = len(payload["state"].get("epochs", []))
+    return ExperimentConfig.from_dict(dict(payload["config"], epochs=max(config.epochs, done),
+                                           max_steps=config.max_steps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +546,14 @@ def load_model_and_data(config, options, processes):
                     embeddings_path=config.embeddings_path,
                     progress=options.progress_bar and processes.main)
         model = model_for_config(config)
-        data = {split: Wikitext2(config.data_folder, split, max_length=config.sequence_length,
-                                 vocabulary_size=model.vocabulary_size).tensors()
-                for split in SPLITS}  # each {"source", "target", "mask"} of (N, sequence_length)
+        data = {}
+        for split in SPLITS:
+            dataset = Wikitext2(config.data_folder, split, max_length=config.sequence_length,
+                                vocabulary_size=model.vocabulary_size)
+            if len(dataset) == 0:
+                raise UsageError(f"the {split} split in {config.data_folder} holds no example: "
+                                 "prepare the data again (python -m utils.prepare_data)")
+            data[split] = dataset.tensors()  # {"source", "target", "mask"}, each (N, sequence_length)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
     return model, data
@@ -543,13 +626,33 @@ class Run:
                     break
                 self.one_epoch(epoch)
         except TrainingStopped as error:
-            self.write_log("failed", str(error))
+            self.end("failed", str(error))
             raise
         except torch.cuda.OutOfMemoryError:
             message = (f"CUDA out of memory at --batch_size {self.state.config.batch_size}: lower "
-                       "--batch_size (or keep --precision auto/bf16 and the fused path on)")
-            self.write_log("failed", message)
+                       "--batch_size (or keep --precision auto and the fast path on)")
+            self.end("failed", message)
             raise TrainingStopped(message) from None
+
+    def end(self, status, message):
+        """Record how the run ended; a log that cannot be written any more is left as it was."""
+        try:
+            self.write_log(status, message)
+        except OSError:
+            pass
+
+    def file_failure(self, error):
+        """An error writing the run's files during training: "failed", the last good epoch kept."""
+        where = error.filename or os.path.dirname(self.paths["log"])
+        message = (f"cannot write {where} ({describe_os_error(error)}): the files of epoch "
+                   f"{self.state.epoch} are kept; free the disk and continue with --resume")
+        self.end("failed", message)
+        return TrainingStopped(message)
+
+    def interrupted(self, interrupt):
+        """SIGINT or SIGTERM: "stopped", with how to go on."""
+        self.end("stopped", f"stopped by {interrupt} after {self.state.epoch} epoch(s): continue "
+                            "with the same command and --resume")
 
     def one_epoch(self, epoch):
         state, config, processes = self.state, self.state.config, self.processes
@@ -573,8 +676,8 @@ class Run:
         if improved:
             state.best = {"epoch": epoch, "valid_loss": validated["loss"], "valid_ppl": validated["ppl"]}
         if self.writes_files:
-            if improved:
-                state.save(self.paths["best"], with_optimizer=False)
+            if improved:  # complete, so that the run can continue from it too
+                state.save(self.paths["best"])
             state.save(self.paths["last"])
         elif improved:
             self.best_weights = {key: value.detach().clone() for key, value in state.model.state_dict().items()}
@@ -604,23 +707,63 @@ class Run:
 
 
 def run_experiment(config, options=None):
-    """Train `config` to the end (or resume it), writing logs and checkpoints; returns the log."""
+    """Train `config` to the end (or resume it), writing logs and checkpoints; returns the log.
+
+    The run folder is checked and locked before anything is read or written; an old run that
+    `--overwrite` replaces is deleted only once the new run has written its first log.
+    """
     options = options or RunOptions()
     processes = Processes(options.device)
     run_dir = os.path.join(options.log_dir, config.exp_id)
-    payload = checkpoint_to_resume(config, options, run_dir)
+    if not (options.write_logs and processes.main):
+        return start_run(config, options, processes, run_dir)
+    check_writable_folder(options.log_dir)
+    check_writable_folder(run_dir)
+    with RunLock(run_dir):
+        recover(run_dir)
+        remove_stale_temporaries(run_dir)
+        return start_run(config, options, processes, run_dir)
+
+
+def start_run(config, options, processes, run_dir):
+    """Everything after the folder is ours: the checks, the set-up, the epochs and the test."""
+    contents = FolderContents(run_dir) if options.write_logs else None
+    payload, replace_old = plan_start(config, options, contents)
     if payload is not None:
-        config = ExperimentConfig.from_dict(dict(payload["config"], epochs=config.epochs,
-                                                 max_steps=config.max_steps))
+        config = resumed_config(config, payload)
     seed_experiment(config.seed)
     model, data = load_model_and_data(config, options, processes)
     # Pretrained embeddings fix the width; the log and checkpoints record the model as built.
-    config = config.replace(embedding_size=model.embedding_size)
-    run = Run(config, options, processes, model, data)
+    run = Run(config.replace(embedding_size=model.embedding_size), options, processes, model, data)
     if payload is not None:
         run.resume(payload, run_dir)
-    run.write_log()
-    run.fit()
-    run.test()
-    run.write_log("finished")
+    write_first_log(run, run_dir, replace_old and run.writes_files)
+    try:
+        run.fit()
+        run.test()
+        run.write_log("finished")
+    except KeyboardInterrupt as interrupt:
+        run.interrupted(interrupt if isinstance(interrupt, Interrupted) else Interrupted())
+        raise
+    except OSError as error:
+        raise run.file_failure(error) from None
     return run.log
+
+
+def write_first_log(run, run_dir, replace_old):
+    """The run's first log; with `replace_old`, the old run is set aside first and dropped after."""
+    if replace_old:
+        move_aside(run_dir)
+    try:
+        run.write_log()
+    except OSError as error:
+        if replace_old:
+            put_back(run_dir)
+        raise UsageError(f"cannot write {run.paths['log']} ({describe_os_error(error)}): "
+                         "free the disk or choose another --log_dir") from None
+    except BaseException:
+        if replace_old:
+            put_back(run_dir)
+        raise
+    if replace_old:
+        drop_replaced(run_dir)

@@ -30,6 +30,7 @@ many tokens at the end:
 In every mode an example of at most `min_length` tokens is dropped (too few targets to learn from).
 """
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -38,6 +39,42 @@ from torch.utils.data import Dataset
 SPLITS = ("train", "validation", "test")
 BREAK_MODES = ("none", "lines", "complete")
 GPT1_VOCABULARY_SIZE = 40479  # 40,478 BPE tokens + the padding id 0
+
+
+# Far above WikiText-2's largest split (2.4 M tokens), far below what would exhaust memory: an npz
+# is checked against it before anything is inflated, since a small file can declare huge arrays.
+MAX_SPLIT_TOKENS = 1 << 27
+
+
+def check_declared_sizes(path):
+    """Raise ValueError when an array of the npz declares more elements than a split can hold.
+
+    Reads only each member's `.npy` header, so nothing is inflated beyond it.
+    """
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(stream)
+            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if count > MAX_SPLIT_TOKENS:
+                raise ValueError(f"data file {path}: array {member} declares {count:,} elements of "
+                                 f"{dtype}, more than a WikiText split holds ({MAX_SPLIT_TOKENS:,}); "
+                                 "the file is damaged or not a data split")
+
+
+def whole_numbers(array, key, path):
+    """`array` as int64, flat; a float array holding fractions is refused, never truncated."""
+    array = np.asarray(array).ravel()
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise ValueError(f"data file {path}: '{key}' holds numbers that are not whole "
+                             f"({array.dtype}); token ids and sizes are integers")
+    elif array.dtype.kind not in "iub":
+        raise ValueError(f"data file {path}: '{key}' is of type {array.dtype}, not integers")
+    return array.astype(np.int64)
 
 
 def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
@@ -49,16 +86,18 @@ def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
         raise FileNotFoundError(f"data file not found: {path} (make it with "
                                 f"`python -m utils.prepare_data --data_folder {root}`)")
     try:
+        check_declared_sizes(path)
         # An open file of our own: np.load leaks its handle when the zip cannot be read.
         with open(path, "rb") as file, np.load(file) as archive:
             arrays = {key: archive[key] for key in archive.files if key in ("tokens", "sizes")}
+    except ValueError:
+        raise
     except Exception as error:  # zipfile.BadZipFile, EOFError, a pickled object...
         raise ValueError(f"data file {path} is not a readable .npz: {error}") from error
     if len(arrays) != 2:
         raise ValueError(f"data file {path} must hold arrays 'tokens' and 'sizes'; "
                          f"it holds {sorted(arrays)}")
-    tokens = arrays["tokens"].astype(np.int64).ravel()
-    sizes = arrays["sizes"].astype(np.int64).ravel()
+    tokens, sizes = (whole_numbers(arrays[key], key, path) for key in ("tokens", "sizes"))
     if sizes.sum() != tokens.size or (sizes < 0).any():
         raise ValueError(f"data file {path}: 'sizes' add up to {int(sizes.sum())} but 'tokens' "
                          f"holds {tokens.size} ids; the file is damaged, prepare the data again")

@@ -1,0 +1,397 @@
+"""Nothing lost, whatever happens to a run: each fault reproduced as it was found, and its outcome.
+
+Faults: overwrite with bad input, two runs of one id, a damaged checkpoint, signals, kill -9, a stop
+in epoch 1, a damaged log, a copied best.pt, file-system errors, temporaries, bad data, file modes,
+a resumed configuration, odd ids.
+"""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import zipfile
+from unittest import mock
+
+import numpy as np
+
+from tests.test_run_exp import ROOT, TinyRunCase, make_tiny_data, run_main, subprocess_env
+from utils import checkpoint, training
+from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
+from utils.data_utils import read_log
+from utils.wikitext2 import read_split
+
+RUN_EXP = os.path.join(ROOT, "run_exp.py")
+
+
+def digests(folder):
+    """sha256 of every file under `folder`, by relative path."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(file.read()).hexdigest()
+    return found
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:  # a file not written yet
+            pass
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def make_long_epoch_data(folder):
+    """Tiny splits whose training epoch is long enough (a few seconds) to be interrupted within."""
+    make_tiny_data(folder)
+    generator = np.random.default_rng(1)
+    sizes = generator.integers(5, 60, size=1500)
+    tokens = (np.arange(sizes.sum()) % 29 + 1).astype(np.uint16)
+    np.savez(os.path.join(folder, "wiki.train.npz"), tokens=tokens, sizes=sizes.astype(np.int64))
+
+
+class SafetyCase(TinyRunCase):
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(shutil.rmtree, self.data, True)
+        self.addCleanup(shutil.rmtree, self.logs, True)
+
+    def one_line(self, code, err, expected_code):
+        self.assertEqual(code, expected_code, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, err)
+        return lines[0]
+
+    def command(self, exp_id, model="lstm", *extra):
+        return [sys.executable, RUN_EXP, *[str(a) for a in self.args(exp_id, model, *extra)]]
+
+    def log(self, exp_id):
+        return read_log(os.path.join(self.logs, exp_id, "log.json"))
+
+
+class OverwriteTest(SafetyCase):
+    def test_overwrite_checks_before_it_touches_the_old_run(self):
+        self.assertEqual(run_main(*self.args("o", "lstm"))[0], 0)
+        before = digests(os.path.join(self.logs, "o"))
+        broken = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, broken)
+        for name in os.listdir(self.data):
+            shutil.copy(os.path.join(self.data, name), broken)
+        with open(os.path.join(broken, "wiki.test.npz"), "wb") as file:
+            file.write(b"PK\x03\x04 truncated")
+        code, _, err = run_main(*self.args("o", "lstm", "--overwrite", "--data_folder", broken))
+        self.assertIn("wiki.test.npz is not a readable .npz", self.one_line(code, err, 2))
+        self.assertEqual(digests(os.path.join(self.logs, "o")), before)  # nothing lost
+
+    def test_overwrite_replaces_once_the_new_log_exists(self):
+        self.assertEqual(run_main(*self.args("o", "lstm"))[0], 0)
+        code, _, err = run_main(*self.args("o", "lstm", "--overwrite", "--epochs", 1))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.log("o")["epochs"]), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.logs, "o", ".replaced")))
+
+    def test_an_interrupted_overwrite_puts_the_old_run_back(self):
+        self.assertEqual(run_main(*self.args("o", "lstm"))[0], 0)
+        before = digests(os.path.join(self.logs, "o"))
+        with mock.patch.object(training, "write_log", side_effect=training.Interrupted(signal.SIGTERM)):
+            code, _, _ = run_main(*self.args("o", "lstm", "--overwrite"))
+        self.assertEqual(code, 143)
+        self.assertEqual(digests(os.path.join(self.logs, "o")), before)
+
+
+class OneOwnerTest(SafetyCase):
+    def test_two_runs_of_one_id_started_together(self):
+        make_long_epoch_data(self.data)
+        env = subprocess_env()
+        processes = [subprocess.Popen(self.command("same", "lstm", "--epochs", 1), env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        results = []
+        for process in processes:
+            out, err = process.communicate(timeout=300)
+            results.append((process.returncode, out, err))
+        codes = sorted(code for code, _, _ in results)
+        self.assertEqual(codes, [0, 2], results)
+        loser = next(err for code, _, err in results if code == 2)
+        self.assertEqual(len(loser.strip().splitlines()), 1, loser)
+        self.assertRegex(loser, r"is in use by process \d+|already holds a run")
+        winner = next(out for code, out, _ in results if code == 0)
+        log = self.log("same")
+        self.assertEqual(log["status"], "finished")
+        self.assertIn(f"test ppl {log['test']['ppl']:.2f}", winner)  # the folder holds the winner's run
+
+    def test_a_second_process_is_refused_naming_the_owner(self):
+        make_long_epoch_data(self.data)
+        first = subprocess.Popen(self.command("busy", "lstm", "--epochs", 50), env=subprocess_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(first.wait)
+        self.addCleanup(first.kill)
+        wait_for(lambda: os.path.isfile(os.path.join(self.logs, "busy", "log.json")))
+        code, _, err = run_main(*self.args("busy", "lstm", "--resume"))
+        self.assertIn(f"in use by process {first.pid}", self.one_line(code, err, 2))
+
+
+class VerifiedCheckpointTest(SafetyCase):
+    def damage(self, path):
+        with open(path, "r+b") as file:
+            file.seek(os.path.getsize(path) // 2)
+            data = file.read(64)
+            file.seek(os.path.getsize(path) // 2)
+            file.write(bytes(255 - b for b in data))
+
+    def test_damaged_last_is_refused_and_best_named(self):
+        self.assertEqual(run_main(*self.args("d", "lstm", "--epochs", 2))[0], 0)
+        self.damage(os.path.join(self.logs, "d", "last.pt"))
+        before = digests(os.path.join(self.logs, "d"))
+        code, _, err = run_main(*self.args("d", "lstm", "--epochs", 3, "--resume"))
+        line = self.one_line(code, err, 2)
+        self.assertIn("last.pt is damaged", line)
+        self.assertIn("best.pt verifies (epoch 2)", line)
+        self.assertEqual(digests(os.path.join(self.logs, "d")), before)
+
+    def test_copying_best_over_last_then_resume_continues(self):
+        self.assertEqual(run_main(*self.args("c", "lstm", "--epochs", 2))[0], 0)
+        shutil.copy(os.path.join(self.logs, "c", "best.pt"), os.path.join(self.logs, "c", "last.pt"))
+        code, _, err = run_main(*self.args("c", "lstm", "--epochs", 3, "--resume"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([e["epoch"] for e in self.log("c")["epochs"]], [1, 2, 3])
+
+    def test_old_files_load_with_a_warning_and_old_best_is_refused_in_one_line(self):
+        self.assertEqual(run_main(*self.args("w", "lstm", "--epochs", 1))[0], 0)
+        path = os.path.join(self.logs, "w", "last.pt")
+        self.assertTrue(verify_checkpoint(path))
+        with open(path, "rb") as file:
+            data = file.read()[:-DIGEST_LINE_BYTES]  # as written before digests
+        with open(path, "wb") as file:
+            file.write(data)
+        with self.assertWarnsRegex(UserWarning, "has no digest"):
+            payload = read_checkpoint(path)
+        payload["optimizer"] = None  # a best.pt of before: weights only
+        checkpoint.atomic_write_bytes(path, _torch_bytes(payload))
+        code, _, err = run_main(*self.args("w", "lstm", "--epochs", 2, "--resume"))
+        line = [line for line in err.splitlines() if "error" in line]
+        self.assertEqual(code, 2, err)
+        self.assertEqual(len(line), 1)
+        self.assertIn("holds no optimizer state", line[0])
+
+
+def _torch_bytes(payload):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+class SignalsTest(SafetyCase):
+    """SIGINT and SIGTERM end with "stopped" and 130 / 143; --resume then gives the run left alone."""
+
+    def interrupt_and_resume(self, signum, code, wait_epochs):
+        make_long_epoch_data(self.data)
+        exp_id = f"s{signum}"
+        alone = [a if a != self.logs else self.logs + "-alone" for a in self.command(exp_id, "lstm", "--epochs", 2)]
+        self.addCleanup(shutil.rmtree, self.logs + "-alone", True)
+        subprocess.run(alone, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+        process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", 2), env=subprocess_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(self.log(exp_id)["epochs"]) >= wait_epochs)
+        time.sleep(0.3)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, code, err)
+        self.assertIn("--resume", err)
+        log = self.log(exp_id)
+        self.assertEqual(log["status"], "stopped")
+        self.assertIn("--resume", log["message"])
+        self.assertEqual([name for name in os.listdir(os.path.join(self.logs, exp_id)) if ".tmp-" in name], [])
+        result = subprocess.run(self.command(exp_id, "lstm", "--epochs", 2, "--resume"), env=subprocess_env(),
+                                capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        resumed, reference = self.log(exp_id), read_log(os.path.join(self.logs + "-alone", exp_id, "log.json"))
+        keys = ("epoch", "steps", "train_loss", "valid_loss", "train_tokens")
+        self.assertEqual([{k: e[k] for k in keys} for e in resumed["epochs"]],
+                         [{k: e[k] for k in keys} for e in reference["epochs"]])
+        self.assertEqual(resumed["test"], reference["test"])
+        return resumed
+
+    def test_sigterm_during_epoch_two(self):
+        self.interrupt_and_resume(signal.SIGTERM, 143, wait_epochs=1)
+
+    def test_sigint_in_the_first_epoch(self):
+        self.interrupt_and_resume(signal.SIGINT, 130, wait_epochs=0)
+
+    def test_kill_nine_is_recognised(self):
+        make_long_epoch_data(self.data)
+        process = subprocess.Popen(self.command("k9", "lstm", "--epochs", 3), env=subprocess_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: len(self.log("k9")["epochs"]) >= 1)
+        process.kill()
+        process.wait(timeout=60)
+        self.assertEqual(self.log("k9")["status"], "running")
+        code, _, err = run_main(*self.args("k9", "lstm", "--epochs", 3))
+        self.assertIn("already holds a run whose process died", self.one_line(code, err, 2))
+        code, _, err = run_main(*self.args("k9", "lstm", "--epochs", 3, "--resume"))
+        self.assertEqual(code, 0, err)
+        self.assertIn("the previous run died", err)
+        self.assertEqual(self.log("k9")["status"], "finished")
+
+
+class DamagedLogTest(SafetyCase):
+    def test_resume_and_overwrite_work_past_a_damaged_log(self):
+        self.assertEqual(run_main(*self.args("l", "lstm", "--epochs", 1))[0], 0)
+        log_path = os.path.join(self.logs, "l", "log.json")
+        with open(log_path, "w") as file:
+            file.write("{ not json")
+        code, _, err = run_main(*self.args("l", "lstm", "--epochs", 2, "--resume"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([e["epoch"] for e in self.log("l")["epochs"]], [1, 2])
+        with open(log_path, "w") as file:
+            file.write("{ not json")
+        code, _, err = run_main(*self.args("l", "lstm", "--epochs", 1, "--overwrite"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.log("l")["status"], "finished")
+
+
+class ListTest(SafetyCase):
+    def test_a_list_goes_on_past_a_run_that_cannot_continue(self):
+        self.assertEqual(run_main(*self.args("a", "lstm", "--epochs", 1))[0], 0)
+        os.remove(os.path.join(self.logs, "a", "last.pt"))
+        os.remove(os.path.join(self.logs, "a", "best.pt"))
+        with open(os.path.join(self.logs, "a", "log.json")) as file:
+            log = json.load(file)
+        log["status"] = "stopped"
+        with open(os.path.join(self.logs, "a", "log.json"), "w") as file:
+            json.dump(log, file)
+        code, out, err = run_main(*self.args("a,b", "lstm", "--epochs", 1))
+        self.assertEqual(code, 2, err)
+        self.assertIn("no checkpoint to resume from", err)
+        self.assertEqual(self.log("b")["status"], "finished")
+        self.assertRegex(out, r"\na +failed ")
+        self.assertRegex(out, r"\nb +finished ")
+
+
+class FileSystemTest(SafetyCase):
+    def test_log_dir_or_run_folder_that_is_a_file(self):
+        path = os.path.join(self.logs, "afile")
+        with open(path, "w") as file:
+            file.write("x")
+        args = self.args("f", "lstm", "--log_dir", path, "--data_folder", "/nonexistent")
+        self.assertIn("is a file, not a folder", self.one_line(*run_main(*args)[::2], 2))
+        args = self.args("afile", "lstm", "--data_folder", "/nonexistent")
+        self.assertIn("is a file, not a folder", self.one_line(*run_main(*args)[::2], 2))
+
+    def test_read_only_folder_and_full_disk_before_training(self):
+        refuse = OSError(errno.EROFS, "Read-only file system")
+        with mock.patch("utils.run_folder.open", side_effect=refuse, create=True):
+            code, _, err = run_main(*self.args("ro", "lstm", "--data_folder", "/nonexistent"))
+        self.assertIn("Read-only file system", self.one_line(code, err, 2))
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with mock.patch("utils.data_utils.atomic_write_bytes", side_effect=full):
+            code, _, err = run_main(*self.args("full", "lstm"))
+        self.assertIn("No space left on device", self.one_line(code, err, 2))
+
+    def test_full_disk_during_training_keeps_the_last_good_epoch(self):
+        real = checkpoint.atomic_write_bytes
+        calls = []
+
+        def fill_up(path, data):
+            calls.append(path)
+            if len(calls) > 2:  # epoch 1's best.pt and last.pt are written, epoch 2's are not
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            real(path, data)
+
+        with mock.patch.object(checkpoint, "atomic_write_bytes", side_effect=fill_up):
+            code, _, err = run_main(*self.args("fd", "lstm", "--epochs", 3))
+        line = self.one_line(code, err, 1)
+        self.assertIn("No space left on device", line)
+        log = self.log("fd")
+        self.assertEqual(log["status"], "failed")
+        self.assertEqual(read_checkpoint(os.path.join(self.logs, "fd", "last.pt"))["epoch"], 1)
+
+    def test_an_id_longer_than_a_file_name(self):
+        code, _, err = run_main(*self.args("x" * 300, "lstm"))
+        self.assertIn("at most 200 bytes", self.one_line(code, err, 2))
+
+    def test_empty_split(self):
+        np.savez(os.path.join(self.data, "wiki.test.npz"), tokens=np.zeros(0, np.uint16), sizes=np.zeros(0, np.int64))
+        code, _, err = run_main(*self.args("e", "lstm"))
+        self.assertIn("the test split", self.one_line(code, err, 2))
+
+    def test_temporaries_are_removed(self):
+        self.assertEqual(run_main(*self.args("t", "lstm", "--epochs", 1))[0], 0)
+        stale = os.path.join(self.logs, "t", ".tmp-abc123last.pt")
+        with open(stale, "wb") as file:
+            file.write(b"half a checkpoint")
+        self.assertEqual(run_main(*self.args("t", "lstm", "--epochs", 2, "--resume"))[0], 0)
+        self.assertFalse(os.path.exists(stale))
+        # A signal inside a write removes the write's own temporary.
+        with mock.patch("os.fsync", side_effect=training.Interrupted(signal.SIGTERM)), \
+                self.assertRaises(training.Interrupted):
+            checkpoint.atomic_write_bytes(os.path.join(self.logs, "t", "x.pt"), b"data")
+        self.assertEqual([n for n in os.listdir(os.path.join(self.logs, "t")) if n.startswith(".tmp-")], [])
+
+    def test_modes_follow_the_umask(self):
+        previous = os.umask(0o022)
+        self.addCleanup(os.umask, previous)
+        self.assertEqual(run_main(*self.args("m", "lstm", "--epochs", 1))[0], 0)
+        for name in ("log.json", "last.pt", "best.pt"):
+            self.assertEqual(os.stat(os.path.join(self.logs, "m", name)).st_mode & 0o777, 0o644, name)
+
+
+class DataChecksTest(unittest.TestCase):
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def test_fractions_are_refused_whole_floats_accepted(self):
+        np.savez(os.path.join(self.folder, "wiki.train.npz"), tokens=np.array([1.5, 2, 3]), sizes=np.array([3]))
+        with self.assertRaisesRegex(ValueError, "'tokens' holds numbers that are not whole"):
+            read_split(self.folder, "train")
+        np.savez(os.path.join(self.folder, "wiki.train.npz"), tokens=np.array([1, 2, 3]), sizes=np.array([2.5, 0.5]))
+        with self.assertRaisesRegex(ValueError, "'sizes' holds numbers that are not whole"):
+            read_split(self.folder, "train")
+        np.savez(os.path.join(self.folder, "wiki.train.npz"), tokens=np.array([1.0, 2.0, 3.0]), sizes=np.array([3.0]))
+        self.assertEqual(read_split(self.folder, "train")[0].tolist(), [1, 2, 3])
+
+    def test_declared_sizes_are_checked_before_inflating(self):
+        path = os.path.join(self.folder, "wiki.train.npz")
+        header = {"descr": "<u2", "fortran_order": False, "shape": (3_000_000_000,)}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            with archive.open("tokens.npy", "w") as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                member.write(b"\0" * 1024)
+            with archive.open("sizes.npy", "w") as member:
+                np.lib.format.write_array(member, np.array([3], np.int64))
+        with self.assertRaisesRegex(ValueError, "declares 3,000,000,000 elements"):
+            read_split(self.folder, "train")
+
+
+class ConfigTest(SafetyCase):
+    def test_resumed_configuration_is_what_it_ran(self):
+        self.assertEqual(run_main(*self.args("r", "lstm", "--epochs", 2))[0], 0)
+        code, _, err = run_main(*self.args("r", "lstm", "--epochs", 1, "--resume"))
+        self.assertEqual(code, 0, err)
+        log = self.log("r")
+        self.assertEqual((log["config"]["epochs"], len(log["epochs"])), (2, 2))
+
+    def test_ids(self):
+        code, _, err = run_main("--exp_id", "all,3", "--print_config")
+        self.assertIn("mixes 'all' into a list", self.one_line(code, err, 2))
+        code, _, err = run_main("--exp_id", "two\nlines", "--print_config")
+        self.assertIn("printable characters", self.one_line(code, err, 2))
+
+
+if __name__ == "__main__":
+    unittest.main()

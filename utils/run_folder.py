@@ -1,0 +1,185 @@
+"""A run's folder, LOG_DIR/EXP_ID: one owner at a time, what it holds, and an old run moved aside.
+
+    LOG_DIR/EXP_ID/
+        .lock             locked (flock) by the process that owns the folder; holds its PID
+        log.json          utils/data_utils.py
+        last.pt, best.pt  utils/checkpoint.py
+        .replaced/        the previous run while `--overwrite` starts a new one; deleted once the
+                          new run has written its first log, put back if it never does
+
+The lock is the operating system's: it dies with its process, so a run killed with SIGKILL leaves
+no stale lock, and a log that still says "running" while nobody holds the lock is a dead run.
+"""
+import contextlib
+import errno
+import glob
+import os
+import shutil
+
+from utils.cli import UsageError
+from utils.data_utils import LOG_NAME, LogError, read_log
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the folder is then not protected against a second run
+    fcntl = None
+
+LOCK_NAME = ".lock"
+REPLACED_NAME = ".replaced"
+RUN_FILES = (LOG_NAME, "last.pt", "best.pt")
+
+
+def check_writable_folder(folder, flag="--log_dir"):
+    """Create `folder` if needed and make sure files can be written in it; UsageError in one line."""
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"{folder} is a file, not a folder: choose another {flag} or EXP_ID")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as file:
+            file.write(b"0")
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write in {folder} ({describe_os_error(error)}): "
+                         f"choose another {flag} or free the disk") from None
+
+
+def describe_os_error(error):
+    """`strerror` of an OSError in a few words, with a hint for the names the file system refuses."""
+    if error.errno == errno.ENAMETOOLONG:
+        return "a name longer than the file system allows: choose a shorter --exp_id"
+    return error.strerror or type(error).__name__
+
+
+class RunLock:
+    """The OS lock on a run folder; `acquire` raises UsageError naming the PID of the owner."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.file = None
+
+    def acquire(self):
+        if fcntl is None:
+            return self
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "unknown"
+            file.close()
+            raise UsageError(f"{os.path.dirname(self.path)} is in use by process {owner} (a run of the "
+                             "same id): wait for it to end, or choose another --exp_id / --log_dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self):
+        if self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def holder_pid(run_dir):
+    """The PID that holds the folder's lock, or None when no process holds it."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    if fcntl is None or not os.path.isfile(path):
+        return None
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            return file.read().strip() or "unknown"
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+class FolderContents:
+    """What a run folder holds: its log (or why it cannot be read) and its checkpoints."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.log, self.log_problem = None, None
+        log_path = os.path.join(run_dir, LOG_NAME)
+        if os.path.isfile(log_path):
+            try:
+                self.log = read_log(log_path)
+            except LogError as error:
+                self.log_problem = str(error)
+        self.last = self.path("last.pt") if os.path.isfile(self.path("last.pt")) else None
+        self.best = self.path("best.pt") if os.path.isfile(self.path("best.pt")) else None
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    @property
+    def empty(self):
+        return self.log is None and self.log_problem is None and self.last is None and self.best is None
+
+    @property
+    def finished(self):
+        return self.log is not None and self.log.get("status") == "finished"
+
+    @property
+    def epochs_logged(self):
+        return len(self.log["epochs"]) if self.log else 0
+
+    def describe(self):
+        if self.log is not None:
+            return f"{self.epochs_logged} epoch(s) logged, status {self.log['status']}"
+        if self.log_problem:
+            return "a damaged log"
+        return "a checkpoint"
+
+
+def remove_stale_temporaries(run_dir):
+    """Delete the `.tmp-*` files an interrupted atomic write left (only the owner calls this)."""
+    for path in glob.glob(os.path.join(glob.escape(run_dir), ".tmp-*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def move_aside(run_dir):
+    """Move the run's files into `.replaced/` (the new run starts in an empty folder)."""
+    aside = os.path.join(run_dir, REPLACED_NAME)
+    os.makedirs(aside, exist_ok=True)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+
+
+def put_back(run_dir):
+    """Undo `move_aside` when the new run never wrote its log."""
+    aside = os.path.join(run_dir, REPLACED_NAME)
+    if not os.path.isdir(aside):
+        return
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(aside, name)) and not os.path.exists(os.path.join(run_dir, name)):
+            os.replace(os.path.join(aside, name), os.path.join(run_dir, name))
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def drop_replaced(run_dir):
+    """Delete the old run once the new one has a log of its own."""
+    shutil.rmtree(os.path.join(run_dir, REPLACED_NAME), ignore_errors=True)
+
+
+def recover(run_dir):
+    """Settle what an interrupted `--overwrite` left: keep the new run if it has a log, else the old."""
+    if not os.path.isdir(os.path.join(run_dir, REPLACED_NAME)):
+        return
+    if os.path.isfile(os.path.join(run_dir, LOG_NAME)):
+        drop_replaced(run_dir)
+    else:
+        put_back(run_dir)

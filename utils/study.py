@@ -1,0 +1,266 @@
+"""Several configurations in one command: one after the other, or K at a time as worker processes.
+
+    run_exp.py --exp_id all              the 12 presets in turn, in this process
+    run_exp.py --exp_id all --jobs 3     up to 3 at once, each in a `run_exp.py` process of its own
+
+Either way a finished run is skipped, an unfinished one is continued (as with `--resume`), a run
+that fails is reported and the others go on, and a table sums up each run at the end. A worker is
+the same command line for one id, so its numbers equal those of that configuration run alone; its
+output goes to LOG_DIR/EXP_ID/output.txt, and the parent prints one line per finished epoch.
+Ctrl-C (or SIGTERM) stops every worker, each recording "stopped"; `--resume` continues the set.
+"""
+import concurrent.futures
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+from utils.data_utils import LOG_NAME, LogError, read_log
+from utils.run_folder import FolderContents, describe_os_error
+from utils.training import Interrupted
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_EXP = os.path.join(ROOT, "run_exp.py")
+POLL_SECONDS = 0.5
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one configuration of the set ended."""
+
+    exp_id: str
+    status: str  # finished | skipped (finished already) | failed | stopped
+    seconds: float = 0.0
+    message: Optional[str] = None
+    exit_code: int = 0
+    log: Optional[dict] = None
+
+
+def unfinished(run_dir):
+    """`(skip, resume)` for a run folder: skip a finished run, resume one that holds anything else."""
+    contents = FolderContents(run_dir)
+    if contents.finished:
+        return True, False
+    return False, not contents.empty
+
+
+def read_run_log(log_dir, exp_id):
+    try:
+        return read_log(os.path.join(log_dir, exp_id, LOG_NAME))
+    except LogError:
+        return None
+
+
+def summary_table(outcomes):
+    """One line per configuration: status, best validation and test perplexity, wall time."""
+    header = ("exp", "status", "best valid ppl", "test ppl", "wall time", "note")
+    rows = []
+    for outcome in outcomes:
+        log = outcome.log or {}
+        best = (log.get("best") or {}).get("valid_ppl")
+        test = (log.get("test") or {}).get("ppl")
+        rows.append((outcome.exp_id, outcome.status, "-" if best is None else f"{best:.2f}",
+                     "-" if test is None else f"{test:.2f}", f"{outcome.seconds:.1f} s",
+                     outcome.message.splitlines()[0] if outcome.message else ""))
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def exit_code(outcomes):
+    """0 when every run finished (or had finished); else the first failure's code."""
+    for outcome in outcomes:
+        if outcome.exit_code:
+            return outcome.exit_code
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# One after the other, in this process
+
+
+def run_in_turn(configs, options, run_one, failures):
+    """Run each config with `run_one(config, options)`; `failures` maps exceptions to exit codes."""
+    outcomes = []
+    for config in configs:
+        run_dir = os.path.join(options.log_dir, config.exp_id)
+        skip, resume = unfinished(run_dir) if options.write_logs else (False, False)
+        if skip:
+            print(f"exp {config.exp_id}: finished already, skipped")
+            outcomes.append(Outcome(config.exp_id, "skipped", log=read_run_log(options.log_dir, config.exp_id)))
+            continue
+        started = time.perf_counter()
+        try:
+            log = run_one(config, dataclasses.replace(options, resume=options.resume or resume))
+            outcomes.append(Outcome(config.exp_id, "finished", time.perf_counter() - started, log=log))
+        except KeyboardInterrupt as interrupt:
+            code = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
+            outcomes.append(Outcome(config.exp_id, "stopped", time.perf_counter() - started,
+                                    "stopped; continue with --resume", code,
+                                    read_run_log(options.log_dir, config.exp_id)))
+            raise StudyInterrupted(outcomes, code) from None
+        except failures as error:
+            code = getattr(error, "exit_code", 2)
+            print(f"exp {config.exp_id}: error: {error}", file=sys.stderr)
+            outcomes.append(Outcome(config.exp_id, "failed", time.perf_counter() - started, str(error), code,
+                                    read_run_log(options.log_dir, config.exp_id)))
+    return outcomes
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The set was stopped by a signal; `outcomes` holds what was done, `exit_code` 128 + signal."""
+
+    def __init__(self, outcomes, exit_code):
+        super().__init__("stopped")
+        self.outcomes = outcomes
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------
+# K at a time, as worker processes
+
+
+def worker_command_line(argv, exp_id, resume):
+    """`run_exp.py`'s command line `argv` for one id, without bars: what a `--jobs` worker runs."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--exp_id", "--jobs"):
+            skip = True
+        elif not arg.startswith(("--exp_id=", "--jobs=")):
+            kept.append(arg)
+    command = [sys.executable, RUN_EXP, *kept, "--exp_id", exp_id, "--no_progress_bar"]
+    return command + (["--resume"] if resume and "--resume" not in kept else [])
+
+
+class Worker:
+    """One configuration in a `run_exp.py` process of its own, and what the parent sees of it."""
+
+    def __init__(self, exp_id, command, log_dir, env=None):
+        self.exp_id, self.command, self.log_dir, self.env = exp_id, command, log_dir, env
+        self.process = None
+        self.started = None
+        self.reported_epochs = 0
+        self.lock = threading.Lock()
+        self.cancelled = False  # stopped: start no process, and signal a running one once
+        self.failure = None  # why the process could not be started
+
+    def run(self):
+        """Start the process (unless the set was stopped first) and wait for it: its exit code."""
+        with self.lock:
+            if self.cancelled:
+                return None
+            self.started = time.perf_counter()
+            path = os.path.join(self.log_dir, self.exp_id, "output.txt")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                output = open(path, "ab")
+            except OSError as error:  # the run folder is a file, or cannot be written
+                self.failure = f"cannot write {path}: {describe_os_error(error)}"
+                return 2
+            with output:
+                # A session of its own: Ctrl-C reaches the parent alone, which stops each worker once.
+                self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=output,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True, env=self.env)
+        print(f"exp {self.exp_id}: started (pid {self.process.pid}, output in {path})", flush=True)
+        return self.process.wait()
+
+    def stop(self):
+        with self.lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+
+    def progress(self):
+        """A line for each epoch finished since the last call."""
+        if self.process is None:
+            return []
+        log = read_run_log(self.log_dir, self.exp_id)
+        if log is None:
+            return []
+        lines = []
+        epochs = log.get("epochs") or []
+        for entry in epochs[self.reported_epochs:]:
+            lines.append(f"exp {self.exp_id}: epoch {entry['epoch']}/{log['config'].get('epochs')}: "
+                         f"train ppl {entry.get('train_ppl') or float('nan'):.2f}, valid ppl "
+                         f"{entry.get('valid_ppl') or float('nan'):.2f} "
+                         f"({time.perf_counter() - self.started:.0f} s)")
+        self.reported_epochs = max(self.reported_epochs, len(epochs))
+        return lines
+
+    def outcome(self, code):
+        """The Outcome of an exit code (None: never started; negative: killed by that signal)."""
+        if code is None:
+            return Outcome(self.exp_id, "not started", 0.0, "the set was stopped first", 130)
+        seconds = time.perf_counter() - self.started
+        log = read_run_log(self.log_dir, self.exp_id)
+        code = 128 - code if code < 0 else code
+        if code == 0:
+            return Outcome(self.exp_id, "finished", seconds, log=log)
+        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            return Outcome(self.exp_id, "stopped", seconds, "stopped; continue with --resume", code, log)
+        return Outcome(self.exp_id, "failed", seconds,
+                       self.failure or last_error_line(self.log_dir, self.exp_id, log), code, log)
+
+
+def last_error_line(log_dir, exp_id, log):
+    """Why a worker failed: its log's message, else the last line of its output."""
+    if log and log.get("message"):
+        return log["message"]
+    try:
+        with open(os.path.join(log_dir, exp_id, "output.txt"), encoding="utf-8", errors="replace") as file:
+            lines = [line.strip() for line in file if line.strip()]
+        return lines[-1].split(": error: ", 1)[-1] if lines else "no output"
+    except OSError:
+        return "no output"
+
+
+def run_in_parallel(exp_ids, worker_command, log_dir, jobs, write_logs=True):
+    """Up to `jobs` workers at once; `worker_command(exp_id, resume)` is each one's command line."""
+    outcomes, workers = {}, []
+    # K processes that each take every core for their CPU work would fight over them.
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    for exp_id in exp_ids:
+        skip, resume = unfinished(os.path.join(log_dir, exp_id)) if write_logs else (False, False)
+        if skip:
+            print(f"exp {exp_id}: finished already, skipped")
+            outcomes[exp_id] = Outcome(exp_id, "skipped", log=read_run_log(log_dir, exp_id))
+        else:
+            workers.append(Worker(exp_id, worker_command(exp_id, resume), log_dir, env))
+    interrupted = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(worker.run): worker for worker in workers}
+        pending = set(futures)
+        while pending:
+            try:
+                done, pending = concurrent.futures.wait(pending, timeout=POLL_SECONDS)
+                for worker in workers:
+                    for line in worker.progress():
+                        print(line, flush=True)
+                for future in done:
+                    worker = futures[future]
+                    outcome = outcomes[worker.exp_id] = worker.outcome(future.result())
+                    print(f"exp {worker.exp_id}: {outcome.status}"
+                          + (f": {outcome.message}" if outcome.status == "failed" else ""), flush=True)
+            except KeyboardInterrupt as interrupt:  # stop every worker once, then wait for them
+                if interrupted is None:
+                    interrupted = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
+                    print("stopping every worker; continue the set with the same command and --resume",
+                          file=sys.stderr, flush=True)
+                for worker in workers:
+                    worker.stop()
+    ordered = [outcomes[exp_id] for exp_id in exp_ids if exp_id in outcomes]
+    if interrupted is not None:
+        raise StudyInterrupted(ordered, interrupted)
+    return ordered
