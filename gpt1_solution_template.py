@@ -8,6 +8,10 @@ V vocabulary, L maximum sequence length.
 
 A Block is GPT-1's post-norm block: a = norm1(x + attention(x)); out = norm2(a + mlp(a)).
 The embeddings, and with them the tied output weight, are frozen unless `learn_embeddings=True`.
+
+With `dropout = p > 0` units are dropped, in train mode only, where GPT-1 drops them: the summed
+embeddings (B, T, C), the attention weights (B, H, T, T), and each residual branch (attention's
+output projection and the MLP's output, (B, T, C)) before it is added back. Layer norms are not.
 """
 import math
 
@@ -100,14 +104,20 @@ class MultiHeadedAttention(nn.Module):
     as the three maps followed by `get_attention_weights` and `apply_attention`, which stay the
     explicit definitions. Set it to False for the course's straightforward path (the benchmark's
     reference).
+
+    `dropout` (keyword-only, default 0): in train mode, the probability of zeroing an attention
+    weight (in `apply_attention`, or inside the fused kernel) and a unit of the output projection
+    (the residual branch). `get_attention_weights` stays the plain softmax.
     """
 
-    def __init__(self, head_size, num_heads, sequence_length):
+    def __init__(self, head_size, num_heads, sequence_length, *, dropout=0.0):
         super().__init__()
         self.head_size = head_size
         self.num_heads = num_heads
         self.sequence_length = sequence_length
         self.fused = True
+        self.attention_dropout = nn.Dropout(dropout)
+        self.residual_dropout = nn.Dropout(dropout)
 
         width = num_heads * head_size
         self.queries = nn.Linear(width, width)
@@ -132,7 +142,7 @@ class MultiHeadedAttention(nn.Module):
 
     def apply_attention(self, queries, keys, values):
         """`(B, H, T, head_size)` three times -> `(B, T, H * head_size)`: merged heads of A V."""
-        weights = self.get_attention_weights(queries, keys)  # (B, H, T, T)
+        weights = self.attention_dropout(self.get_attention_weights(queries, keys))  # (B, H, T, T)
         return self.merge_heads(weights @ values)  # (B, H, T, D) -> (B, T, H * D)
 
     def split_heads(self, tensor):
@@ -157,42 +167,59 @@ class MultiHeadedAttention(nn.Module):
             queries = self.split_heads(self.queries(hidden_states))  # (B, H, T, D)
             keys = self.split_heads(self.keys(hidden_states))  # (B, H, T, D)
             values = self.split_heads(self.values(hidden_states))  # (B, H, T, D)
-            return self.output(self.apply_attention(queries, keys, values))  # (B, T, H * D)
+            attended = self.apply_attention(queries, keys, values)  # (B, T, H * D)
+            return self.residual_dropout(self.output(attended))  # (B, T, H * D)
         # The same three maps as one product with their weights stacked: a third of the kernel
         # launches forward and backward (and of autocast's casts), which bound a GPU step.
         weight = torch.cat([self.queries.weight, self.keys.weight, self.values.weight])  # (3HD, HD)
         bias = torch.cat([self.queries.bias, self.keys.bias, self.values.bias])  # (3HD,)
         stacked = F.linear(hidden_states, weight, bias)  # (B, T, 3HD)
         queries, keys, values = (self.split_heads(part) for part in stacked.chunk(3, dim=-1))  # (B, H, T, D) each
-        attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)  # (B, H, T, D)
-        return self.output(self.merge_heads(attended))  # (B, T, H * D)
+        # The kernel draws its own mask: nn.Dropout cannot reach weights it never materialises.
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
+                                                  is_causal=True)  # (B, H, T, D)
+        return self.residual_dropout(self.output(self.merge_heads(attended)))  # (B, T, H * D)
 
 
 class Block(nn.Module):
-    """GPT-1's post-norm transformer block."""
+    """GPT-1's post-norm transformer block.
 
-    def __init__(self, head_size, mlp_hidden_size, num_heads, sequence_length):
+    `dropout` (keyword-only, default 0) goes to the attention (its weights and output) and, in train
+    mode, drops units of the MLP's output before it is added to the residual.
+    """
+
+    def __init__(self, head_size, mlp_hidden_size, num_heads, sequence_length, *, dropout=0.0):
         super().__init__()
         width = head_size * num_heads
-        self.attention = MultiHeadedAttention(head_size, num_heads, sequence_length)
+        self.attention = MultiHeadedAttention(head_size, num_heads, sequence_length, dropout=dropout)
         self.norm1 = LayerNorm(width)
         self.mlp = nn.Sequential(
             nn.Linear(width, mlp_hidden_size),
             nn.GELU(),
             nn.Linear(mlp_hidden_size, width),
         )
+        self.mlp_dropout = nn.Dropout(dropout)
         self.norm2 = LayerNorm(width)
 
     def forward(self, hidden_states):
         """`(B, T, C)` -> `(B, T, C)`."""
         attended = self.norm1(hidden_states + self.attention(hidden_states))  # (B, T, C)
-        return self.norm2(attended + self.mlp(attended))  # (B, T, C)
+        return self.norm2(attended + self.mlp_dropout(self.mlp(attended)))  # (B, T, C)
 
 
 class MiniGPT1(LanguageModel, nn.Module):
+    """The course's MiniGPT1.
+
+    `dropout` (keyword-only, default 0) is GPT-1's one rate for every dropout, active in train mode
+    only: on the summed embeddings (in `features`, so `get_embeddings` stays the course's plain
+    sum), on the attention weights and on both residual branches of every Block. With 0 the
+    outputs, the random-number stream and the state_dict are exactly those of the course's model.
+    """
+
     def __init__(self, vocabulary_size=40479, embedding_size=768, sequence_length=256, num_heads=12,
                  num_layers=4, learn_embeddings=False, _tokens_embedding_weight=None,
-                 _positional_embedding_weight=None):
+                 _positional_embedding_weight=None, *, dropout=0.0):
         super().__init__()
         if embedding_size % num_heads:
             raise ValueError(f"embedding_size={embedding_size} is not a multiple of "
@@ -203,12 +230,15 @@ class MiniGPT1(LanguageModel, nn.Module):
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.learn_embeddings = learn_embeddings
+        self.dropout = dropout
 
         self.embedding = GPT1Embedding(vocabulary_size, embedding_size, sequence_length,
                                        _tokens_embedding_weight=_tokens_embedding_weight,
                                        _positional_embedding_weight=_positional_embedding_weight)
+        self.embedding_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList([
-            Block(embedding_size // num_heads, 4 * embedding_size, num_heads, sequence_length)
+            Block(embedding_size // num_heads, 4 * embedding_size, num_heads, sequence_length,
+                  dropout=dropout)
             for _ in range(num_layers)
         ])
         self.classifier = nn.Linear(embedding_size, vocabulary_size, bias=False)
@@ -235,7 +265,7 @@ class MiniGPT1(LanguageModel, nn.Module):
         return self(inputs)
 
     def features(self, inputs):
-        hidden_states = self.get_embeddings(inputs)  # (B, T, C)
+        hidden_states = self.embedding_dropout(self.get_embeddings(inputs))  # (B, T, C)
         for layer in self.layers:
             hidden_states = layer(hidden_states)  # (B, T, C)
         return hidden_states
@@ -251,10 +281,11 @@ class MiniGPT1(LanguageModel, nn.Module):
         return self(context)[:, -1], context
 
     @classmethod
-    def load_embeddings_from(cls, filename, num_heads=12, num_layers=4, learn_embeddings=False):
+    def load_embeddings_from(cls, filename, num_heads=12, num_layers=4, learn_embeddings=False, *,
+                             dropout=0.0):
         """A MiniGPT1 built on `tokens` `(V, C)` and `position` `(L, C)` of an npz; `sequence_length = L`."""
         arrays = load_embedding_arrays(filename)
         tokens, position = arrays["tokens"], arrays["position"]
         return cls(tokens.shape[0], tokens.shape[1], position.shape[0], num_heads, num_layers,
                    learn_embeddings, _tokens_embedding_weight=tokens,
-                   _positional_embedding_weight=position)
+                   _positional_embedding_weight=position, dropout=dropout)

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     add("--num_heads", type=int, default=None, help="attention heads (default: 12)")
     add("--sequence_length", type=int, default=None, help="tokens per example (default: 256)")
     add("--dropout", type=float, default=None,
-        help="dropout probability, as GPT-1 places it (default: 0, the course's models)")
+        help="dropout probability: MiniGPT1 as GPT-1 (embeddings, attention, residual branches), "
+             "the LSTM on its embeddings, between layers and on its output (default: 0, the course's models)")
     add("--limit_batches", type=int, default=None, help="at most K batches per split and epoch")
     add("--max_steps", type=int, default=None, help="stop training after S optimizer steps in all")
     add("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: none)")

@@ -378,6 +378,23 @@ class DataChecksTest(unittest.TestCase):
             read_split(self.folder, "train")
 
 
+class LstmPromptTest(unittest.TestCase):
+    def test_a_long_prompt_builds_one_row_of_outputs(self):
+        import torch
+
+        from tests.helpers import TINY, tiny_lstm
+
+        model = tiny_lstm().eval()
+        prompt = torch.randint(1, TINY["vocabulary_size"], (1, 5000))
+        shapes = []
+        model.classifier[2].register_forward_hook(lambda module, inputs, output: shapes.append(output.shape))
+        with torch.no_grad():
+            log_probas, _ = model.step(prompt)
+            full, _ = model(prompt, model.initial_states(1))
+        self.assertEqual(shapes[0], (1, TINY["vocabulary_size"]))  # not (1, 5000, V)
+        torch.testing.assert_close(log_probas, full[:, -1])
+
+
 class ConfigTest(SafetyCase):
     def test_resumed_configuration_is_what_it_ran(self):
         self.assertEqual(run_main(*self.args("r", "lstm", "--epochs", 2))[0], 0)

@@ -123,9 +123,6 @@ def read_checkpoint(path, map_location="cpu"):
         verified = verify_checkpoint(path)
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} is not readable ({error.strerror})") from None
-    if not verified:
-        warnings.warn(f"checkpoint {path} has no digest (written before they existed): "
-                      "loaded unverified", stacklevel=2)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
@@ -136,4 +133,7 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not in this package's format "
                               f"({CHECKPOINT_FORMAT})")
+    if not verified:  # said only of a file that loads: a truncated one has lost its digest too
+        warnings.warn(f"checkpoint {path} has no digest (written before they existed): "
+                      "loaded unverified", stacklevel=2)
     return payload

@@ -39,7 +39,7 @@ class ExperimentConfig:
     hidden_size: int = 512
     num_heads: int = 12
     sequence_length: int = 256
-    dropout: float = 0.0  # LSTM: embeddings and between layers; MiniGPT1: embeddings, attention, residuals
+    dropout: float = 0.0  # LSTM: embeddings, between layers, last output; MiniGPT1: embeddings, attention, residuals
     # Options that change training only when asked for.
     scheduler: str = "none"
     clip_grad_norm: Optional[float] = None

@@ -26,11 +26,11 @@ def build_model(config, vocabulary_size, embedding_size=None, sequence_length=No
     sequence_length = sequence_length or config.sequence_length
     if config.model == "lstm":
         model = LSTM(vocabulary_size, embedding_size, config.hidden_size, config.layers,
-                     config.learn_embeddings, _embedding_weight=tokens_weight)
+                     config.learn_embeddings, _embedding_weight=tokens_weight, dropout=config.dropout)
     else:
         model = MiniGPT1(vocabulary_size, embedding_size, sequence_length, config.num_heads,
                          config.layers, config.learn_embeddings, _tokens_embedding_weight=tokens_weight,
-                         _positional_embedding_weight=position_weight)
+                         _positional_embedding_weight=position_weight, dropout=config.dropout)
     if tokens_weight is None:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
