@@ -1,30 +1,47 @@
 """Tests of utils.download, all offline: an HTTP server on 127.0.0.1 serves fixture files well or
-badly (tests/test_prepare_data.py serves its own files with it).
+badly, both as a plain web server and as the Hugging Face Hub answers huggingface_hub
+(tests/test_prepare_data.py serves its own files with it).
 
-Server paths are /MODE/NAME; MODE says how it answers:
+Plain paths are /MODE/NAME. Hub paths are [/datasets]/OWNER/REPO/resolve/REVISION/NAME, answered
+to HEAD and GET with the headers hf_hub_download needs (X-Repo-Commit, ETag, Content-Length), in
+the mode OWNER names when it names one ("ok" otherwise, e.g. for openai-community/openai-gpt).
+MODE says how the server answers:
 
     ok         the file, honouring Range (206)       norange    the whole file, Range ignored
     404, 500   that status                           flaky      500 the first time, then ok
-    truncated  half the body, always (no Range)      badsum     the file with one byte changed
-    drop       half the body, then the connection closes, the first time; ok (with Range) after
+    truncated  half the body, always (no Range); on a Hub path, with a Content-Length to match
+    badsum     the file with one byte changed
+    drop       half the body of the first GET, then the connection closes; ok (with Range) after
     hang       nothing for 1 s (the client's timeout is shorter)
+
+huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, when imported: in this process
+`hub_client` sets the constants they set; tests/test_prepare_data.py also runs the command line in
+a child process with the variables themselves.
 """
+import collections
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import http.server
+import io
 import json
+import logging
 import os
 import socket
 import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
-import urllib.error
+import urllib.parse
 from unittest import mock
 
 import numpy as np
+from huggingface_hub import constants, file_download
+from huggingface_hub.utils import _cache_assets, _http
+from huggingface_hub.utils import httpx
 from safetensors.numpy import save_file
 
 from utils import download as dl
@@ -32,6 +49,10 @@ from utils import download as dl
 FAST = dl.DownloadPolicy(retries=2, backoff_s=0.01, timeout_s=2.0, chunk_bytes=64 * 1024)
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 TENSOR_ROWS = {"tokens_embed.weight": None, "positions_embed.weight": 256}
+MODES = ("ok", "norange", "404", "500", "flaky", "truncated", "badsum", "drop", "hang")
+REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the pins hold
+
+Request = collections.namedtuple("Request", "method mode name range sent hub authorization")
 
 
 def sha256(data):
@@ -59,12 +80,48 @@ def make_fixture_files(folder):
     return files, arrays
 
 
+@contextlib.contextmanager
+def hub_client(endpoint, home, offline=False):
+    """huggingface_hub as HF_ENDPOINT=endpoint, HF_HOME=home and HF_HUB_OFFLINE set it up when
+    imported; its retries not waiting, its retry warnings kept quiet, and without the agent
+    registry its user agent fetches once a process (telemetry, a request no test counts on)."""
+    no_wait = types.SimpleNamespace(sleep=lambda seconds: None)
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with mock.patch.multiple(constants, ENDPOINT=endpoint, HF_HUB_OFFLINE=offline,
+                                 HUGGINGFACE_CO_URL_TEMPLATE=endpoint + "/{repo_id}/resolve/"
+                                                                        "{revision}/{filename}",
+                                 HF_HUB_CACHE=os.path.join(home, "hub"),
+                                 DOWNLOAD_CHUNK_SIZE=64 * 1024,  # several chunks per fixture
+                                 HF_ASSETS_CACHE=os.path.join(home, "assets"),
+                                 AGENT_HARNESSES_PATH=os.path.join(home, ".agent_harnesses.json"),
+                                 HF_HUB_DISABLE_TELEMETRY=True), \
+                mock.patch.object(_cache_assets, "HF_ASSETS_CACHE", os.path.join(home, "assets")), \
+                mock.patch.object(_http, "time", no_wait), \
+                mock.patch.object(file_download, "time", no_wait):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def hub_route(path):
+    """(mode, name, revision) of a request path; revision is None for a plain path."""
+    parts = urllib.parse.unquote(path.split("?")[0]).strip("/").split("/")
+    if "resolve" not in parts:
+        return parts[0], "/".join(parts[1:]), None
+    owner = parts[1] if parts[0] == "datasets" else parts[0]
+    return (owner if owner in MODES else "ok"), parts[-1], parts[parts.index("resolve") + 1]
+
+
 class FixtureServer:
     """Serves `files` on 127.0.0.1 in the modes of the module docstring; logs every request."""
 
     def __init__(self, files):
         self.files = files
-        self.log = []  # (mode, name, Range header or None, bytes of body sent)
+        self.log = []  # Request entries
+        self.paths = []  # the path of each request, in order
         self.seen = set()  # (mode, name) pairs already answered once
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"fixture": self})
@@ -79,8 +136,13 @@ class FixtureServer:
             self.seen.add((mode, name))
             return first
 
-    def requests(self, mode, name):
-        return [entry for entry in self.log if entry[:2] == (mode, name)]
+    def requests(self, mode, name, method="GET"):
+        return [entry for entry in self.log if entry[:3] == (method, mode, name)]
+
+    def clear(self):
+        self.log.clear()
+        self.paths.clear()
+        self.seen.clear()
 
     def close(self):
         self.httpd.shutdown()
@@ -102,45 +164,71 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
+    def do_HEAD(self):
+        self.respond()
+
     def do_GET(self):
-        _, mode, name = self.path.split("/", 2)
+        self.respond()
+
+    def respond(self):
+        mode, name, revision = hub_route(self.path)
         range_header = self.headers.get("Range")
-        code, headers, payload = self.answer(mode, name, self.fixture.files.get(name), range_header)
+        code, headers, payload = self.answer(mode, name, self.fixture.files.get(name), range_header,
+                                             revision is not None)
+        if revision is not None:
+            headers["X-Repo-Commit"] = revision
+        body = payload if self.command == "GET" else b""
         # Logged before sending, so that a client that has its answer finds it in the log.
-        self.fixture.log.append((mode, name, range_header, len(payload)))
+        self.fixture.log.append(Request(self.command, mode, name, range_header, len(body),
+                                        revision is not None, self.headers.get("Authorization")))
+        self.fixture.paths.append(self.path)
         if mode == "hang":
             time.sleep(1.0)
         self.send_response(code)
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(payload)
+        self.wfile.write(body)
 
-    def answer(self, mode, name, data, range_header):
+    def answer(self, mode, name, data, range_header, hub):
         """(status, headers, body) for `mode`; a body shorter than its Content-Length is cut."""
-        first = self.fixture.first_time(mode, name)
         if data is None or mode == "404":
-            return 404, {"Content-Length": "0"}, b""
-        if mode in ("500", "hang") or (mode == "flaky" and first):
+            return 404, {"Content-Length": "0", "X-Error-Code": "EntryNotFound"}, b""
+        if mode in ("500", "hang") or (mode == "flaky" and self.fixture.first_time(mode, name)):
             return 500, {"Content-Length": "0"}, b""
         if mode == "badsum":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {"Content-Length": str(len(data)), "Accept-Ranges": "bytes"}
-        if mode == "truncated" or (mode == "drop" and first):
+        headers = {"Content-Length": str(len(data)), "ETag": f'"{sha256(data)}"'}
+        if mode != "norange":
+            headers["Accept-Ranges"] = "bytes"
+        if self.command == "HEAD":
+            return 200, headers, data
+        if mode == "truncated" and hub:  # a short body that looks whole, as a bad proxy sends
+            return 200, dict(headers, **{"Content-Length": str(len(data) // 2)}), data[:len(data) // 2]
+        if mode == "truncated" or (mode == "drop" and self.fixture.first_time(mode, name)):
             return 200, headers, data[:len(data) // 2]
         if range_header and mode in ("ok", "drop", "flaky"):
             start, end = range_header.split("=")[1].split("-")
             start, end = int(start), int(end) + 1 if end else len(data)
             if start >= len(data):
                 return 416, {"Content-Length": "0"}, b""
-            headers = {"Content-Length": str(end - start),
-                       "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+            headers.update({"Content-Length": str(end - start),
+                            "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
             return 206, headers, data[start:end]
         return 200, headers, data
 
 
+def cache_files(home):
+    """Every file under the Hub cache of `home` (blobs, links, partial downloads), relative."""
+    root = os.path.join(home, "hub")
+    return sorted(os.path.relpath(os.path.join(folder, name), root)
+                  for folder, _, names in os.walk(root) for name in names
+                  if not folder.startswith(os.path.join(root, ".locks")) and name != "CACHEDIR.TAG")
+
+
 class ServerCase(unittest.TestCase):
-    """The fixture files on disk and on a loopback server, and an empty download folder per test."""
+    """The fixture files on disk and on a loopback server, huggingface_hub pointed at it with an
+    empty cache, and an empty download folder per test."""
 
     @classmethod
     def setUpClass(cls):
@@ -156,20 +244,36 @@ class ServerCase(unittest.TestCase):
     def setUp(self):
         self.work = tempfile.TemporaryDirectory()
         self.folder = os.path.join(self.work.name, "downloads")
+        self.home = os.path.join(self.work.name, "hf_home")
         os.makedirs(self.folder)
-        self.server.log.clear()
-        self.server.seen.clear()
+        self.server.clear()
+        self.hub(self.server.base)
 
     def tearDown(self):
         self.work.cleanup()
 
+    def hub(self, endpoint, offline=False):
+        """Point huggingface_hub at `endpoint` (and offline mode) for the rest of the test."""
+        context = hub_client(endpoint, self.home, offline)
+        context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+
     def remote(self, name, mode):
-        """`name` pinned to its fixture bytes, served in `mode`."""
+        """`name` at a plain URL, pinned to its fixture bytes, served in `mode`."""
         return dl.RemoteFile(name, f"{self.server.base}/{mode}/{name}", sha256(self.files[name]),
                              len(self.files[name]))
 
+    def hub_file(self, name, mode="ok", repo_type="model"):
+        """`name` in the Hub repository `mode`/fixtures, pinned to its fixture bytes."""
+        return dl.HubFile(f"{mode}/fixtures", name, REVISION, sha256(self.files[name]),
+                          len(self.files[name]), repo_type)
+
     def fetch(self, name, mode, policy=FAST, **options):
         return dl.fetch_file(self.remote(name, mode), self.folder, policy=policy, progress=False,
+                             **options)
+
+    def fetch_hub(self, name, mode="ok", policy=FAST, **options):
+        return dl.fetch_file(self.hub_file(name, mode), self.folder, policy=policy, progress=False,
                              **options)
 
     def assert_fetched(self, path, name):
@@ -178,7 +282,7 @@ class ServerCase(unittest.TestCase):
 
 
 class FailureTest(ServerCase):
-    """Each way a server can fail, and what the user gets."""
+    """Each way a plain server can fail, and what the user gets."""
 
     def test_404_is_reported_once_with_url(self):
         with self.assertRaises(dl.DownloadError) as caught:
@@ -206,7 +310,7 @@ class FailureTest(ServerCase):
     def test_dropped_connection_resumes_with_range(self):
         self.assert_fetched(self.fetch("blob.bin", "drop"), "blob.bin")
         half = len(self.files["blob.bin"]) // 2
-        ranges = [entry[2] for entry in self.server.requests("drop", "blob.bin")]
+        ranges = [entry.range for entry in self.server.requests("drop", "blob.bin")]
         self.assertEqual(ranges, [None, f"bytes={half}-"])
 
     def test_wrong_checksum_is_deleted_and_reported(self):
@@ -228,13 +332,23 @@ class FailureTest(ServerCase):
                          f"{UNREACHABLE}/small.json: connection refused (tried 3 times)")
 
     def test_unknown_host_is_not_retried(self):
-        unknown = urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
-        with mock.patch.object(dl.urllib.request, "urlopen", side_effect=unknown) as urlopen:
+        unknown = httpx.ConnectError("[Errno -2] Name or service not known")
+        unknown.__cause__ = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        session = mock.Mock()
+        session.stream.side_effect = unknown
+        with mock.patch.object(dl, "get_session", return_value=session):
             with self.assertRaises(dl.DownloadError) as caught:
                 self.fetch("small.json", "ok")
-        self.assertEqual(urlopen.call_count, 1)
+        self.assertEqual(session.stream.call_count, 1)
         self.assertTrue(str(caught.exception).endswith(
             "/ok/small.json: cannot resolve the host name, no network? (Name or service not known)"))
+
+    def test_offline_mode_stops_plain_downloads_too(self):
+        self.hub(self.server.base, offline=True)
+        with self.assertRaisesRegex(dl.DownloadError,
+                                    r"/ok/small.json: not downloaded: HF_HUB_OFFLINE is set$"):
+            self.fetch("small.json", "ok")
+        self.assertEqual(self.server.log, [])
 
     @unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full to simulate a full disk")
     def test_full_disk_is_one_clear_error(self):
@@ -277,7 +391,7 @@ class ResumeTest(ServerCase):
                 self.fetch("blob.bin", "ok", policy)
         self.assertEqual(os.listdir(self.folder), ["blob.bin.part"])
         self.assert_fetched(self.fetch("blob.bin", "ok", policy), "blob.bin")
-        self.assertEqual(self.server.requests("ok", "blob.bin")[-1][2], f"bytes={2 * 1024}-")
+        self.assertEqual(self.server.requests("ok", "blob.bin")[-1].range, f"bytes={2 * 1024}-")
         self.assertEqual(os.listdir(self.folder), ["blob.bin"])
 
     def test_complete_part_is_checked_and_kept_when_nothing_is_left_to_send(self):
@@ -285,14 +399,181 @@ class ResumeTest(ServerCase):
             file.write(self.files["small.json"])
         self.assert_fetched(self.fetch("small.json", "ok"), "small.json")
         size = len(self.files["small.json"])
-        self.assertEqual([entry[2] for entry in self.server.requests("ok", "small.json")],
+        self.assertEqual([entry.range for entry in self.server.requests("ok", "small.json")],
                          [f"bytes={size}-"])  # answered 416: nothing left to send
 
     def test_checked_file_already_there_is_not_fetched_again(self):
         self.fetch("small.json", "ok")
-        self.server.log.clear()
+        self.server.clear()
         self.assert_fetched(self.fetch("small.json", "ok"), "small.json")
         self.assertEqual(self.server.log, [])
+
+
+class HubTest(ServerCase):
+    """Files on the Hub, fetched by huggingface_hub into its cache or taken from there."""
+
+    def test_first_fetch_fills_the_cache_and_the_next_makes_no_request(self):
+        path = self.fetch_hub("small.json")
+        self.assert_fetched(path, "small.json")
+        self.assertEqual(path, os.path.join(self.home, "hub", "models--ok--fixtures", "snapshots",
+                                            REVISION, "small.json"))
+        self.assertEqual([entry.method for entry in self.server.log], ["HEAD", "GET"])
+        self.server.clear()
+        self.assertEqual(self.fetch_hub("small.json"), path)
+        self.assertEqual(self.server.log, [])
+
+    def test_dataset_repository_and_its_cache_folder(self):
+        remote = self.hub_file("small.json", repo_type="dataset")
+        path = dl.fetch_file(remote, self.folder, policy=FAST, progress=False)
+        self.assertIn(f"/datasets--ok--fixtures/snapshots/{REVISION}/", path)
+        self.assertEqual(self.server.paths[-1],
+                         f"/datasets/ok/fixtures/resolve/{REVISION}/small.json")
+        self.assertEqual(remote.url, f"{self.server.base}/datasets/ok/fixtures/resolve/"
+                                     f"{REVISION}/small.json")
+
+    def test_offline_with_a_warm_cache_makes_no_request(self):
+        path = self.fetch_hub("small.json")
+        self.server.clear()
+        self.hub(UNREACHABLE, offline=True)
+        self.assertEqual(self.fetch_hub("small.json"), path)
+        self.assertEqual(self.server.log, [])
+
+    def test_offline_with_a_cold_cache_says_so_in_one_line(self):
+        self.hub(self.server.base, offline=True)
+        with self.assertRaises(dl.DownloadError) as caught:
+            self.fetch_hub("small.json")
+        self.assertEqual(str(caught.exception),
+                         f"{self.server.base}/ok/fixtures/resolve/{REVISION}/small.json: not in the "
+                         f"Hugging Face cache ({self.home}/hub), and HF_HUB_OFFLINE is set")
+        self.assertEqual(self.server.log, [])
+
+    def test_corrupt_cached_file_is_deleted_and_fetched_again(self):
+        path = self.fetch_hub("blob.bin")
+        with open(os.path.realpath(path), "r+b") as file:
+            file.write(b"\xff")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assert_fetched(self.fetch_hub("blob.bin"), "blob.bin")
+        self.assertRegex(err.getvalue(), r"^warning: .*/blob.bin: not the pinned blob.bin \(sha256 "
+                                         r".*\); deleted from the Hugging Face cache\n$")
+        self.assertEqual([entry.method for entry in self.server.requests("ok", "blob.bin", "GET")],
+                         ["GET", "GET"])
+
+    def test_token_of_hf_token_is_sent(self):
+        with mock.patch.dict(os.environ, {"HF_TOKEN": "hf_fixture"}):
+            self.fetch_hub("small.json")
+        self.assertEqual({entry.authorization for entry in self.server.log}, {"Bearer hf_fixture"})
+
+    def test_mirror_folder_is_used_instead_of_the_hub(self):
+        path = dl.fetch_file(self.hub_file("small.json"), self.folder, self.fixture_dir.name,
+                             progress=False)
+        self.assertEqual(path, os.path.join(self.fixture_dir.name, "small.json"))
+        self.assertEqual(self.server.log, [])
+
+    def test_fetch_into_copies_from_the_cache(self):
+        target = dl.fetch_into(self.hub_file("small.json"), self.folder, policy=FAST,
+                               progress=False)
+        self.assertEqual(target, os.path.join(self.folder, "small.json"))
+        self.assertFalse(os.path.islink(target))
+        self.assert_fetched(target, "small.json")
+        self.server.clear()
+        dl.fetch_into(self.hub_file("small.json"), self.folder, policy=FAST, progress=False)
+        self.assertEqual(self.server.log, [])
+
+
+class HubFailureTest(ServerCase):
+    """Each way the Hub (or its mirror) can fail, now handled by huggingface_hub: one line, and
+    no damaged file in its cache."""
+
+    def assert_cache_clean(self, name):
+        self.assertEqual([path for path in cache_files(self.home) if name in path or "blobs" in path],
+                         [])
+
+    def test_404(self):
+        with self.assertRaises(dl.DownloadError) as caught:
+            self.fetch_hub("small.json", "404")
+        url = f"{self.server.base}/404/fixtures/resolve/{REVISION}/small.json"
+        self.assertEqual(str(caught.exception), f"{url}: HTTP 404 Not Found")
+        self.assertEqual(len(self.server.log), 1)  # a missing file is not asked for again
+
+    def test_500_is_retried_by_the_hub_client_then_reported(self):
+        with self.assertRaisesRegex(dl.DownloadError, r"/500/fixtures/resolve/.*/small.json: "
+                                                      r"HTTP 500 Internal Server Error$"):
+            self.fetch_hub("small.json", "500")
+        self.assertGreater(len(self.server.requests("500", "small.json", "HEAD")), 2)
+        self.assert_cache_clean("small.json")
+
+    def test_passing_500_is_retried_and_succeeds(self):
+        self.assert_fetched(self.fetch_hub("small.json", "flaky"), "small.json")
+        self.assertEqual([entry.method for entry in self.server.log], ["HEAD", "HEAD", "GET"])
+
+    def test_truncated_body_is_reported_and_not_kept(self):
+        size = len(self.files["blob.bin"])
+        with self.assertRaisesRegex(dl.DownloadError, rf"/truncated/fixtures/resolve/.*/blob.bin: "
+                                                      rf"Consistency check failed: file should be "
+                                                      rf"of size {size} but has size {size // 2} "):
+            self.fetch_hub("blob.bin", "truncated")
+        self.assert_cache_clean("blob.bin")
+
+    def test_dropped_connection_resumes_with_range(self):
+        self.assert_fetched(self.fetch_hub("blob.bin", "drop"), "blob.bin")
+        half = len(self.files["blob.bin"]) // 2
+        self.assertEqual([entry.range for entry in self.server.requests("drop", "blob.bin")],
+                         [None, f"bytes={half}-"])
+
+    def test_wrong_checksum_is_deleted_and_reported(self):
+        with self.assertRaisesRegex(dl.ChecksumError,
+                                    r"/badsum/.*/blob.bin: not the pinned blob.bin \(sha256 .*\); "
+                                    r"deleted$"):
+            self.fetch_hub("blob.bin", "badsum")
+        self.assert_cache_clean("blob.bin")
+
+    def test_timeout_is_reported(self):
+        policy = dataclasses.replace(FAST, timeout_s=0.2)
+        with mock.patch.object(file_download, "_ETAG_RETRY_TIMEOUT", 0.2):
+            with self.assertRaisesRegex(dl.DownloadError, r"/hang/.*/small.json: timed out$"):
+                self.fetch_hub("small.json", "hang", policy)
+
+    def test_refused_connection_is_reported(self):
+        self.hub(UNREACHABLE)
+        with self.assertRaises(dl.DownloadError) as caught:
+            self.fetch_hub("small.json")
+        self.assertEqual(str(caught.exception), f"{UNREACHABLE}/ok/fixtures/resolve/{REVISION}/"
+                                                "small.json: connection refused")
+
+    @unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full to simulate a full disk")
+    def test_full_disk_is_one_clear_error(self):
+        def to_full_disk(url, temp_file, **options):  # the cache's disk fills while downloading
+            with open("/dev/full", "wb", buffering=0) as full:
+                real_http_get(url, full, **options)
+
+        real_http_get = file_download.http_get
+        with mock.patch.object(file_download, "http_get", to_full_disk):
+            with self.assertRaisesRegex(dl.StorageError, r"^disk full while writing .*: free some "
+                                                         r"space in .* or pick another HF_HOME"):
+                self.fetch_hub("blob.bin")
+        self.assert_cache_clean("blob.bin")
+
+    def test_unwritable_cache_is_one_clear_error(self):
+        open(self.home, "w").close()  # HF_HOME is a file: no folder can be made in it
+        with self.assertRaisesRegex(dl.StorageError, r"^cannot write .*: not a directory; pick "
+                                                     r"another HF_HOME$"):
+            self.fetch_hub("small.json")
+
+    def test_interrupted_download_leaves_nothing_then_fetches_again(self):
+        class Interrupting(io.RawIOBase):
+            def write(self, data):
+                raise KeyboardInterrupt
+
+        def interrupted(url, temp_file, **options):
+            real_http_get(url, Interrupting(), **options)
+
+        real_http_get = file_download.http_get
+        with mock.patch.object(file_download, "http_get", interrupted):
+            with self.assertRaises(KeyboardInterrupt):
+                self.fetch_hub("blob.bin")
+        self.assert_cache_clean("blob.bin")
+        self.assert_fetched(self.fetch_hub("blob.bin"), "blob.bin")
 
 
 class MirrorTest(ServerCase):
@@ -312,10 +593,25 @@ class MirrorTest(ServerCase):
         self.assert_fetched(dl.fetch_file(remote, self.folder, mirror, FAST, progress=False),
                             "small.json")
 
+    def test_mirror_url_serves_hub_files_by_name_without_token(self):
+        with mock.patch.dict(os.environ, {"HF_TOKEN": "hf_fixture"}):
+            path = dl.fetch_file(self.hub_file("small.json"), self.folder,
+                                 f"{self.server.base}/ok/", FAST, progress=False)
+        self.assertEqual(path, os.path.join(self.folder, "small.json"))
+        self.assertEqual([(entry.hub, entry.authorization) for entry in self.server.log],
+                         [(False, None)])
+
     def test_file_missing_from_the_mirror_folder(self):
         remote = dl.RemoteFile("absent.bin", f"{UNREACHABLE}/absent.bin")
         with self.assertRaisesRegex(dl.DownloadError, "absent.bin: no such file in the mirror folder$"):
             dl.fetch_file(remote, self.folder, mirror=self.fixture_dir.name, progress=False)
+
+    def test_mirror_file_failing_its_check_is_not_used(self):
+        remote = dl.RemoteFile("small.json", f"{UNREACHABLE}/small.json", sha256(b"other"))
+        with self.assertRaisesRegex(dl.ChecksumError, r"small.json: not the pinned small.json "
+                                                      r"\(sha256 .*\); not used$"):
+            dl.fetch_file(remote, self.folder, mirror=self.fixture_dir.name, progress=False)
+        self.assertTrue(os.path.exists(os.path.join(self.fixture_dir.name, "small.json")))
 
     def test_bad_mirror_value_names_it_and_the_fix(self):
         self.assertIsNone(dl.mirror_kind(None))
@@ -327,31 +623,91 @@ class MirrorTest(ServerCase):
 
 
 class SafetensorsTest(ServerCase):
-    """Rows of some tensors of a safetensors file, by range requests where the server allows."""
+    """Rows of some tensors of a safetensors file: from the whole file where it is at hand, else
+    by range requests where the server allows."""
 
     def assert_rows(self, arrays):
         np.testing.assert_array_equal(arrays["tokens_embed.weight"], self.arrays["tokens_embed.weight"])
         np.testing.assert_array_equal(arrays["positions_embed.weight"],
                                       self.arrays["positions_embed.weight"][:256])
 
-    def test_rows_fetched_by_ranges_only(self):
-        arrays = dl.read_safetensors_rows(self.remote("model.safetensors", "ok"), self.folder,
-                                          TENSOR_ROWS, policy=FAST, progress=False)
-        self.assert_rows(arrays)
-        requests = self.server.requests("ok", "model.safetensors")
-        self.assertTrue(requests and all(entry[2] for entry in requests), requests)
-        served = sum(entry[3] for entry in requests)
+    def read_hub(self, mode="ok"):
+        return dl.read_safetensors_rows(self.hub_file("model.safetensors", mode), self.folder,
+                                        TENSOR_ROWS, policy=FAST, progress=False)
+
+    def assert_ranges_only(self, mode):
+        requests = self.server.requests(mode, "model.safetensors")
+        self.assertTrue(requests and all(entry.range for entry in requests), requests)
+        served = sum(entry.sent for entry in requests)
         wanted = self.arrays["tokens_embed.weight"].nbytes + 256 * 4 * 4
         self.assertLess(served, len(self.files["model.safetensors"]))
         self.assertGreaterEqual(served, wanted)
+
+    def test_hub_rows_fetched_by_ranges_only_then_kept(self):
+        with mock.patch.dict(os.environ, {"HF_TOKEN": "hf_fixture"}):
+            self.assert_rows(self.read_hub())
+        self.assert_ranges_only("ok")
+        self.assertEqual({entry.authorization for entry in self.server.log}, {"Bearer hf_fixture"})
+        self.assertEqual(cache_files(self.home), [])  # the whole file was not downloaded
+        self.assertEqual(os.listdir(self.folder), [])
+        # The rows are kept in the assets cache: a second read, offline too, asks for nothing.
+        self.server.clear()
+        self.hub(UNREACHABLE, offline=True)
+        self.assert_rows(self.read_hub())
+        self.assertEqual(self.server.log, [])
+
+    def test_kept_rows_failing_their_check_are_not_used(self):
+        self.read_hub()
+        kept = os.path.join(self.home, "assets", "ift6135", "ok--fixtures", REVISION,
+                            "model.safetensors")
+        with open(kept, "r+b") as file:
+            file.seek(-4, os.SEEK_END)
+            file.write(b"\x01\x02\x03\x04")
+        self.server.clear()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assert_rows(self.read_hub())
+        self.assertRegex(err.getvalue(), r"^warning: .*model.safetensors: kept tensor rows that "
+                                         r"fail their check; deleted\n$")
+        self.assert_ranges_only("ok")
+
+    def test_whole_checkpoint_in_the_hub_cache_is_read_with_no_request(self):
+        self.fetch_hub("model.safetensors")
+        self.server.clear()
+        self.assert_rows(self.read_hub())
+        self.assertEqual(self.server.log, [])
+
+    def test_offline_without_the_checkpoint_or_its_rows_says_so(self):
+        self.hub(self.server.base, offline=True)
+        with self.assertRaisesRegex(dl.DownloadError, r"model.safetensors: neither it nor the rows "
+                                                      r"read from it are in the Hugging Face "
+                                                      r"cache, and HF_HUB_OFFLINE is set$"):
+            self.read_hub()
+        self.assertEqual(self.server.log, [])
+
+    def test_hub_without_ranges_gets_the_whole_checked_file_into_its_cache(self):
+        self.assert_rows(self.read_hub("norange"))
+        self.assertIn(len(self.files["model.safetensors"]),
+                      [entry.sent for entry in self.server.requests("norange", "model.safetensors")])
+        self.assertIn(f"models--norange--fixtures/snapshots/{REVISION}/model.safetensors",
+                      cache_files(self.home))
+        self.server.clear()
+        self.assert_rows(self.read_hub("norange"))
+        self.assertEqual(self.server.log, [])
+
+    def test_plain_rows_fetched_by_ranges_only(self):
+        arrays = dl.read_safetensors_rows(self.remote("model.safetensors", "ok"), self.folder,
+                                          TENSOR_ROWS, policy=FAST, progress=False)
+        self.assert_rows(arrays)
+        self.assert_ranges_only("ok")
         self.assertEqual(os.listdir(self.folder), [])  # no part left behind
 
-    def test_server_without_ranges_gets_whole_checked_file(self):
+    def test_plain_server_without_ranges_gets_whole_checked_file(self):
         arrays = dl.read_safetensors_rows(self.remote("model.safetensors", "norange"), self.folder,
                                           TENSOR_ROWS, policy=FAST, progress=False)
         self.assert_rows(arrays)
         self.assertIn(len(self.files["model.safetensors"]),
-                      [entry[3] for entry in self.server.requests("norange", "model.safetensors")])
+                      [entry.sent for entry in self.server.requests("norange", "model.safetensors")])
         self.assertEqual(os.listdir(self.folder), [])  # read, then deleted
 
     def test_wrong_bytes_without_ranges_are_not_used(self):
@@ -366,7 +722,7 @@ class SafetensorsTest(ServerCase):
         save_file({"tokens_embed.weight": np.zeros((2, 4), np.float32)},
                   os.path.join(mirror, "model.safetensors"))
         with self.assertRaisesRegex(dl.ChecksumError, r"not the pinned model.safetensors .*; not used$"):
-            dl.read_safetensors_rows(self.remote("model.safetensors", "ok"), self.folder, TENSOR_ROWS,
+            dl.read_safetensors_rows(self.hub_file("model.safetensors"), self.folder, TENSOR_ROWS,
                                      mirror, FAST, progress=False)
 
     def test_prefixed_tensor_names_are_found(self):
@@ -387,20 +743,27 @@ class SafetensorsTest(ServerCase):
                              "h": {"dtype": "F16", "shape": [2, 2], "data_offsets": [8, 16]}}).encode()
         mirror = os.path.join(self.work.name, "mirror")
         os.makedirs(mirror)
+        data = len(header).to_bytes(8, "little") + header + bf16 + f16
         with open(os.path.join(mirror, "half.safetensors"), "wb") as file:
-            file.write(len(header).to_bytes(8, "little") + header + bf16 + f16)
-        remote = dl.RemoteFile("half.safetensors", f"{UNREACHABLE}/half.safetensors")
-        arrays = dl.read_safetensors_rows(remote, self.folder, {"b": None, "h": 1}, mirror,
-                                          progress=False)
-        self.assertEqual((arrays["b"].dtype, arrays["h"].dtype), (np.float32, np.float32))
-        np.testing.assert_array_equal(arrays["b"], values)
-        np.testing.assert_array_equal(arrays["h"], values[:1])
+            file.write(data)
+        self.server.files["half.safetensors"] = data
+        self.addCleanup(self.server.files.pop, "half.safetensors")
+        for where in (mirror, f"{self.server.base}/ok/"):  # read whole, then by ranges
+            with self.subTest(where=where):
+                remote = dl.RemoteFile("half.safetensors", f"{UNREACHABLE}/half.safetensors")
+                arrays = dl.read_safetensors_rows(remote, self.folder, {"b": None, "h": 1}, where,
+                                                  FAST, progress=False)
+                self.assertEqual((arrays["b"].dtype, arrays["h"].dtype), (np.float32, np.float32))
+                np.testing.assert_array_equal(arrays["b"], values)
+                np.testing.assert_array_equal(arrays["h"], values[:1])
 
     def test_other_file_is_not_taken_for_a_checkpoint(self):
         remote = dl.RemoteFile("blob.bin", f"{UNREACHABLE}/blob.bin")
-        with self.assertRaisesRegex(dl.DownloadError, r"blob.bin: not a safetensors file \(header length"):
-            dl.read_safetensors_rows(remote, self.folder, TENSOR_ROWS, self.fixture_dir.name,
-                                     progress=False)
+        for where in (self.fixture_dir.name, f"{self.server.base}/ok/"):
+            with self.subTest(where=where):
+                with self.assertRaisesRegex(dl.DownloadError, r"blob.bin: not a safetensors file"):
+                    dl.read_safetensors_rows(remote, self.folder, TENSOR_ROWS, where, FAST,
+                                             progress=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Tests of utils.prepare_data, all offline: the loopback HTTP server of tests/test_download.py
 (its docstring lists how it can answer) serves a tiny WikiText-2 raw zip, a tiny tokenizer and a
-tiny safetensors checkpoint. How each download fails or resumes is tested there; here, what
-data preparation makes of it.
+tiny safetensors checkpoint, as the Hugging Face Hub and as a plain mirror. How each download
+fails or resumes is tested there; here, what data preparation makes of it, with huggingface_hub's
+cache and offline mode, in this process and in child processes given HF_ENDPOINT, HF_HOME,
+HF_TOKEN and HF_HUB_OFFLINE themselves.
 
 Tests that read the course's official arrays find them through $SHARED_DATA_DIR and are
 skipped, saying so, when it is not set.
@@ -11,6 +13,7 @@ import dataclasses
 import importlib.util
 import io
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -23,12 +26,13 @@ from unittest import mock
 import numpy as np
 from safetensors.numpy import save_file
 
-from tests.test_download import FAST, UNREACHABLE, FixtureServer, sha256
+from tests.test_download import (FAST, REVISION, UNREACHABLE, FixtureServer, cache_files,
+                                 hub_client, sha256)
 from tests.test_tokenization import write_tiny_tokenizer
 from utils import prepare_data as pd
 from utils.cli import shared_data_path
-from utils.download import RemoteFile
-from utils.tokenization import GPT1Tokenizer
+from utils.download import HubFile, RemoteFile
+from utils.tokenization import GPT1_REVISION, GPT1Tokenizer
 
 SHARED_DATA_DIR = shared_data_path()
 RAW_TEXT = {
@@ -62,33 +66,34 @@ def make_fixture_files(folder):
     return files, arrays, vocab
 
 
-def fixture_sources(files, base, modes=None):
-    """Sources pinned to the fixture files, each URL at `base/MODE/NAME` (mode "ok" unless
-    `modes` says otherwise for that name)."""
+def fixture_sources(files, modes=None):
+    """Sources pinned to the fixture files, on the Hub: the zip in the dataset MODE/ci, the rest in
+    the model MODE/openai-gpt, MODE being the server's mode for that name ("ok" unless `modes` says
+    otherwise)."""
     modes = modes or {}
 
-    def remote(name):
-        return RemoteFile(name, f"{base}/{modes.get(name, 'ok')}/{name}", sha256(files[name]),
-                             len(files[name]))
+    def hub(name, repo, repo_type="model"):
+        return HubFile(f"{modes.get(name, 'ok')}/{repo}", name, REVISION, sha256(files[name]),
+                       len(files[name]), repo_type)
 
-    zip_text = pd.ZipText(remote("wikitext-2-raw-v1.zip"), MEMBERS)
-    return pd.Sources(wikitext=(zip_text,), vocab=remote("vocab.json"), merges=remote("merges.txt"),
-                      checkpoint=remote("model.safetensors"))
+    zip_text = pd.ZipText(hub("wikitext-2-raw-v1.zip", "ci", "dataset"), MEMBERS)
+    return pd.Sources(wikitext=(zip_text,), vocab=hub("vocab.json", "openai-gpt"),
+                      merges=hub("merges.txt", "openai-gpt"),
+                      checkpoint=hub("model.safetensors", "openai-gpt"))
 
 
 def unreachable_default_sources():
-    """The real pinned sources with every host swapped for a closed port on 127.0.0.1."""
+    """The real pinned sources, the plain URL's host swapped for a closed port on 127.0.0.1 (the
+    Hub's are moved by pointing huggingface_hub there)."""
     def move(remote):
-        path = remote.url.split("/", 3)[3]
-        return dataclasses.replace(remote, url=f"{UNREACHABLE}/{path}")
+        if isinstance(remote, HubFile):
+            return remote
+        return dataclasses.replace(remote, url=f"{UNREACHABLE}/{remote.url.split('/', 3)[3]}")
 
     wikitext = tuple(dataclasses.replace(source, archive=move(source.archive))
-                     if isinstance(source, pd.ZipText)
-                     else pd.ParquetText({k: move(v) for k, v in source.parquet.items()})
+                     if isinstance(source, pd.ZipText) else source
                      for source in pd.DEFAULT_SOURCES.wikitext)
-    default = pd.DEFAULT_SOURCES
-    return dataclasses.replace(default, wikitext=wikitext, vocab=move(default.vocab),
-                               merges=move(default.merges), checkpoint=move(default.checkpoint))
+    return dataclasses.replace(pd.DEFAULT_SOURCES, wikitext=wikitext)
 
 
 class LoopbackCase(unittest.TestCase):
@@ -109,15 +114,22 @@ class LoopbackCase(unittest.TestCase):
     def setUp(self):
         self.work = tempfile.TemporaryDirectory()
         self.data = os.path.join(self.work.name, "data")
-        self.server.log.clear()
-        self.server.seen.clear()
+        self.home = os.path.join(self.work.name, "hf_home")
+        self.server.clear()
+        self.hub(self.server.base)
 
     def tearDown(self):
         self.work.cleanup()
 
+    def hub(self, endpoint, offline=False):
+        """Point huggingface_hub at `endpoint` (and offline mode) for the rest of the test."""
+        context = hub_client(endpoint, self.home, offline)
+        context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+
     def sources(self, modes=None):
-        """Fixture sources served by the loopback server; `modes`: file name -> server mode."""
-        return fixture_sources(self.files, self.server.base, modes)
+        """Fixture sources on the loopback Hub; `modes`: file name -> server mode."""
+        return fixture_sources(self.files, modes)
 
     def prepare(self, **options):
         """prepare_data into the test's data folder: quiet, fast retries, fixture sources."""
@@ -126,7 +138,7 @@ class LoopbackCase(unittest.TestCase):
 
     def remote(self, name, mode):
         return RemoteFile(name, f"{self.server.base}/{mode}/{name}", sha256(self.files[name]),
-                             len(self.files[name]))
+                          len(self.files[name]))
 
     def assert_splits_built(self, folder):
         """The three npz hold the fixture text's tokens, one document per non-empty line."""
@@ -153,8 +165,8 @@ class LoopbackCase(unittest.TestCase):
 class EndToEndTest(LoopbackCase):
 
     def test_http_mirror_builds_splits_tokenizer_and_embeddings(self):
-        sources = fixture_sources(self.files, UNREACHABLE)  # only the mirror can answer
-        report = self.prepare(mirror=f"{self.server.base}/ok/", sources=sources)
+        self.hub(UNREACHABLE)  # only the mirror can answer
+        report = self.prepare(mirror=f"{self.server.base}/ok/")
         self.assert_splits_built(self.data)
         self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
         self.assertEqual(report["splits"]["test"], {"documents": 2, "tokens": 11})
@@ -165,14 +177,29 @@ class EndToEndTest(LoopbackCase):
         self.assertEqual({entry["status"] for entry in report["verify"].values()}, {"mismatch"})
         # The checkpoint's tensors came by ranges, and no partial download was left behind.
         requests = self.server.requests("ok", "model.safetensors")
-        self.assertTrue(requests and all(entry[2] for entry in requests), requests)
+        self.assertTrue(requests and all(entry.range for entry in requests), requests)
         self.assertEqual(os.listdir(os.path.join(self.data, "sources")), ["wikitext-2-raw-v1.zip"])
+
+    def test_hub_fills_its_cache_and_keeps_no_copy_of_its_files_in_the_data_folder(self):
+        report = self.prepare()
+        self.assert_splits_built(self.data)
+        self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
+        self.assertEqual(report["wikitext"]["source"], f"{self.server.base}/datasets/ok/ci/resolve/"
+                                                       f"{REVISION}/wikitext-2-raw-v1.zip")
+        self.assertEqual(os.listdir(os.path.join(self.data, "sources")), [])
+        snapshots = [path for path in cache_files(self.home) if "/snapshots/" in path]
+        self.assertEqual(snapshots, [f"datasets--ok--ci/snapshots/{REVISION}/wikitext-2-raw-v1.zip",
+                                     f"models--ok--openai-gpt/snapshots/{REVISION}/merges.txt",
+                                     f"models--ok--openai-gpt/snapshots/{REVISION}/vocab.json"])
+        # The checkpoint was read by ranges, never whole.
+        requests = self.server.requests("ok", "model.safetensors")
+        self.assertTrue(requests and all(entry.range for entry in requests), requests)
 
     def test_run_exp_trains_on_what_was_built(self):
         import run_exp
         from utils.data_utils import read_log
 
-        self.prepare(mirror=f"{self.server.base}/ok/", sources=fixture_sources(self.files, UNREACHABLE))
+        self.prepare()
         logs = os.path.join(self.work.name, "logs")
         for model in ("lstm", "gpt1"):
             # The default --embeddings is DATA_FOLDER/embeddings.npz: the file just built.
@@ -195,8 +222,8 @@ class EndToEndTest(LoopbackCase):
         self.assertEqual(tokens, [self.vocab[piece] + 1 for piece in pieces])
 
     def test_mirror_folder_works_offline(self):
-        sources = fixture_sources(self.files, UNREACHABLE)
-        report = self.prepare(mirror=self.fixture_dir.name, sources=sources)
+        self.hub(UNREACHABLE, offline=True)
+        report = self.prepare(mirror=self.fixture_dir.name)
         self.assert_splits_built(self.data)
         self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
         self.assertEqual(report["wikitext"]["source"],
@@ -207,16 +234,137 @@ class EndToEndTest(LoopbackCase):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", self.data, "--mirror", self.fixture_dir.name, "--quiet"],
-                           sources=fixture_sources(self.files, UNREACHABLE), policy=FAST)
+                           sources=self.sources(), policy=FAST)
         self.assertEqual(code, 0)
         self.assertIn("verify test: mismatch", out.getvalue())
         self.assert_splits_built(self.data)
 
     def test_existing_files_are_kept_without_force(self):
         self.prepare(skip_embeddings=True)
-        self.server.log.clear()
+        self.server.clear()
         report = self.prepare(skip_embeddings=True)
         self.assertIsNone(report["wikitext"])
+        self.assertEqual(self.server.log, [])
+
+
+class HubCacheTest(LoopbackCase):
+    """The Hub's files come from huggingface_hub's cache once there: no request, offline too."""
+
+    def setUp(self):
+        super().setUp()
+        self.other = os.path.join(self.work.name, "other_data")
+
+    def test_second_build_from_the_cache_makes_no_request(self):
+        self.prepare()
+        self.server.clear()
+        pd.prepare_data(self.other, progress=False, policy=FAST, sources=self.sources())
+        self.assertEqual(self.server.log, [])
+        self.assert_splits_built(self.other)
+        self.assert_embeddings_built(os.path.join(self.other, "embeddings.npz"))
+
+    def test_offline_with_a_warm_cache_builds_everything(self):
+        self.prepare()
+        self.server.clear()
+        self.hub(UNREACHABLE, offline=True)
+        pd.prepare_data(self.other, progress=False, policy=FAST, sources=self.sources())
+        self.assert_splits_built(self.other)
+        self.assert_embeddings_built(os.path.join(self.other, "embeddings.npz"))
+        self.assertEqual(self.server.log, [])
+
+    def test_corrupt_cached_archive_is_deleted_and_fetched_again(self):
+        self.prepare(skip_embeddings=True)
+        [blob] = [path for path in cache_files(self.home) if path.startswith("datasets--ok--ci/blobs/")]
+        with open(os.path.join(self.home, "hub", blob), "r+b") as file:
+            file.write(b"XX")
+        self.server.clear()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            pd.prepare_data(self.other, skip_embeddings=True, progress=False, policy=FAST,
+                            sources=self.sources())
+        self.assertRegex(err.getvalue(), r"^warning: .*/wikitext-2-raw-v1.zip: not the pinned "
+                                         r"wikitext-2-raw-v1.zip \(sha256 [0-9a-f]+, expected "
+                                         r"[0-9a-f]+\); deleted from the Hugging Face cache\n$")
+        self.assertEqual([entry.method for entry in self.server.log], ["HEAD", "GET"])
+        self.assert_splits_built(self.other)
+
+    def test_run_exp_prepares_its_data_through_the_hub_then_offline(self):
+        import run_exp
+
+        logs = os.path.join(self.work.name, "logs")
+        for data, offline in ((self.data, False), (self.other, True)):
+            self.hub(UNREACHABLE if offline else self.server.base, offline)
+            args = ["--exp_id", f"offline_{offline}", "--model", "lstm", "--embeddings", "none",
+                    "--data_folder", data, "--hidden_size", "8", "--embedding_size", "8",
+                    "--sequence_length", "4", "--batch_size", "2", "--epochs", "1",
+                    "--max_steps", "2", "--log_dir", logs, "--device", "cpu", "--print_every", "0",
+                    "--no_progress_bar"]
+            err = io.StringIO()
+            # ensure_data reads DEFAULT_SOURCES when called: the fixture pins stand in for them.
+            with mock.patch.object(pd, "DEFAULT_SOURCES", self.sources()), \
+                    contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                self.assertEqual(run_exp.main(args), 0, err.getvalue())
+            self.assert_splits_built(data)
+
+
+def run_in_child(args, env, sources=None, module="utils.prepare_data"):
+    """Run `python -m module args` in a child process with the environment variables `env` (and
+    no other HF_* variable): its exit code, stdout and stderr. `sources`, if given, replace
+    DEFAULT_SOURCES there (pickled through a file), as the pins of the fixture files."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    environ.update(env)
+    command = [sys.executable, "-m", module, *args]
+    if sources is not None:
+        path = env["HF_HOME"] + ".sources.pickle"
+        with open(path, "wb") as file:
+            pickle.dump(sources, file)
+        command = [sys.executable, "-c", "import pickle, sys; import utils.prepare_data as pd; "
+                   f"pd.DEFAULT_SOURCES = pickle.load(open({path!r}, 'rb')); "
+                   f"from {module} import main; sys.exit(main(sys.argv[1:]))", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root,
+                            env=environ)
+    return result.returncode, result.stdout, result.stderr
+
+
+class HubEnvironmentTest(LoopbackCase):
+    """The command line in child processes, huggingface_hub configured by the environment
+    variables it reads when imported: HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE."""
+
+    def test_first_run_fills_the_cache_the_next_make_no_request_offline_too(self):
+        # The agent registry huggingface_hub's user agent asks for (/api/agent-harnesses), once a
+        # day: served, so that the first run caches it in HF_HOME as it does the files.
+        registry = b'{"standardEnvVars": [], "harnesses": {}}'
+        self.server.files = dict(self.files, **{"agent-harnesses": registry})
+        self.addCleanup(setattr, self.server, "files", self.files)
+        env = {"HF_ENDPOINT": self.server.base, "HF_HOME": self.home, "HF_TOKEN": "hf_fixture"}
+        code, out, err = run_in_child(["--data_folder", self.data, "--quiet"], env, self.sources())
+        self.assertEqual(code, 0, err)
+        self.assertIn("verify test: mismatch", out)
+        self.assert_splits_built(self.data)
+        self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
+        hub_requests = [entry for entry in self.server.log if entry.hub]
+        self.assertEqual({entry.authorization for entry in hub_requests}, {"Bearer hf_fixture"})
+        self.assertIn(f"datasets--ok--ci/snapshots/{REVISION}/wikitext-2-raw-v1.zip",
+                      cache_files(self.home))
+        for folder, extra in (("second", {}), ("offline", {"HF_HUB_OFFLINE": "1"})):
+            with self.subTest(folder):
+                self.server.clear()
+                data = os.path.join(self.work.name, folder)
+                code, out, err = run_in_child(["--data_folder", data, "--quiet"], {**env, **extra},
+                                              self.sources())
+                self.assertEqual(code, 0, err)
+                self.assert_splits_built(data)
+                self.assert_embeddings_built(os.path.join(data, "embeddings.npz"))
+                self.assertEqual(self.server.log, [])
+
+    def test_offline_with_a_cold_cache_is_one_line_and_exit_2(self):
+        env = {"HF_ENDPOINT": self.server.base, "HF_HOME": self.home, "HF_HUB_OFFLINE": "1"}
+        code, out, err = run_in_child(["--data_folder", self.data], env)  # the real pins
+        self.assertEqual(code, 2)
+        self.assertRegex(err, r"^error: cannot get the GPT-1 tokenizer: .*/vocab.json: not in the "
+                              r"Hugging Face cache \(.*\), and HF_HUB_OFFLINE is set\. Run "
+                              rf"`HF_HUB_OFFLINE=0 python -m utils.prepare_data --data_folder "
+                              rf"{re.escape(self.data)}` with network access, or put [^\n]*\n$")
         self.assertEqual(self.server.log, [])
 
 
@@ -225,12 +373,15 @@ class FailureTest(LoopbackCase):
 
     def test_wrong_checksum_falls_back_to_next_source_and_is_never_used(self):
         good = self.sources()
-        bad = pd.ZipText(self.remote("wikitext-2-raw-v1.zip", "badsum"), MEMBERS)
-        sources = dataclasses.replace(good, wikitext=(bad, good.wikitext[0]))
+        bad = self.sources({"wikitext-2-raw-v1.zip": "badsum"}).wikitext[0]
+        plain = pd.ZipText(self.remote("wikitext-2-raw-v1.zip", "ok"), MEMBERS)
+        sources = dataclasses.replace(good, wikitext=(bad, plain, good.wikitext[0]))
         report = self.prepare(skip_embeddings=True, sources=sources)
-        self.assertEqual(report["wikitext"]["source"], good.wikitext[0].archive.url)
+        self.assertEqual(report["wikitext"]["source"], plain.archive.url)
         [failure] = report["wikitext"]["failed_sources"]
-        self.assertIn("/badsum/wikitext-2-raw-v1.zip: not the pinned", failure)
+        self.assertRegex(failure, "/badsum/ci/resolve/.*/wikitext-2-raw-v1.zip: not the pinned")
+        self.assertFalse([path for path in cache_files(self.home) if "badsum" in path
+                          and ("blobs/" in path or "snapshots/" in path)])
         self.assert_splits_built(self.data)
 
     def test_every_source_failing_raises_one_line_without_writing_data(self):
@@ -239,21 +390,20 @@ class FailureTest(LoopbackCase):
             self.prepare(skip_embeddings=True, sources=sources)
         message = str(caught.exception)
         self.assertNotIn("\n", message)
-        self.assertRegex(message,
-                         r"^cannot get WikiText-2 raw: .*/badsum/wikitext-2-raw-v1.zip: not the pinned")
+        self.assertRegex(message, r"^cannot get WikiText-2 raw: .*/badsum/ci/resolve/.*/"
+                                  r"wikitext-2-raw-v1.zip: not the pinned")
         self.assertIn("--mirror FOLDER", message)
         self.assertFalse(any(os.path.exists(os.path.join(self.data, name)) for name in pd.DATA_FILES))
 
     def test_wrong_checkpoint_bytes_are_not_used(self):
-        sources = self.sources({"model.safetensors": "norange"})
-        bad_url = sources.checkpoint.url.replace("norange", "badsum")
-        checkpoint = dataclasses.replace(sources.checkpoint, url=bad_url)
-        sources = dataclasses.replace(sources, checkpoint=checkpoint)
+        # The server ignores ranges ("badsum"): the whole file comes, fails its check, is deleted.
+        sources = self.sources({"model.safetensors": "badsum"})
         with self.assertRaisesRegex(pd.DataUnavailableError,
                                     "the GPT-1 embeddings: .*not the pinned model.safetensors"):
             self.prepare(sources=sources)
         self.assertFalse(os.path.exists(os.path.join(self.data, "embeddings.npz")))
-        self.assertEqual(os.listdir(os.path.join(self.data, "sources")), ["wikitext-2-raw-v1.zip"])
+        self.assertFalse([path for path in cache_files(self.home) if "badsum" in path
+                          and ("blobs/" in path or "snapshots/" in path)])
 
     def test_unwritable_folder_is_one_clear_error(self):
         blocker = os.path.join(self.work.name, "a_file")
@@ -295,8 +445,8 @@ class EnsureDataTest(LoopbackCase):
         os.makedirs(self.data)
         for name in pd.DATA_FILES:
             open(os.path.join(self.data, name), "wb").close()
-        sources = fixture_sources(self.files, UNREACHABLE)
-        self.assertIsNone(pd.ensure_data(self.data, progress=False, sources=sources))
+        self.hub(UNREACHABLE, offline=True)
+        self.assertIsNone(pd.ensure_data(self.data, progress=False, sources=self.sources()))
 
     def test_prepares_what_is_missing(self):
         pd.ensure_data(self.data, need_embeddings=True, progress=False, sources=self.sources(),
@@ -311,6 +461,7 @@ class EnsureDataTest(LoopbackCase):
         self.assert_embeddings_built(path)
 
     def test_no_network_raises_one_line(self):
+        self.hub(UNREACHABLE)
         with self.assertRaises(pd.DataUnavailableError) as caught:
             pd.ensure_data(self.data, progress=False, sources=unreachable_default_sources(),
                            policy=FAST)
@@ -321,18 +472,35 @@ class EnsureDataTest(LoopbackCase):
 class CommandLineTest(LoopbackCase):
 
     def test_no_network_message(self):
+        self.hub(UNREACHABLE)
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", self.data], sources=unreachable_default_sources(),
                            policy=FAST)
         print(f"\nno-network message: {err.getvalue()}", file=sys.stderr, end="")
         self.assertEqual(code, 2)
-        url = pd.DEFAULT_SOURCES.vocab.url.replace("https://huggingface.co", UNREACHABLE)
+        url = f"{UNREACHABLE}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
         self.assertEqual(err.getvalue(), (
-            f"error: cannot get the GPT-1 tokenizer: {url}: connection refused (tried 3 times). "
-            f"Run `python -m utils.prepare_data --data_folder {self.data}` with internet access, "
+            f"error: cannot get the GPT-1 tokenizer: {url}: connection refused. "
+            f"Run `python -m utils.prepare_data --data_folder {self.data}` with network access, "
             "or put wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder "
             "and add `--mirror FOLDER`\n"))
+
+    def test_offline_with_a_cold_cache_message(self):
+        self.hub(self.server.base, offline=True)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = pd.main(["--data_folder", self.data], sources=unreachable_default_sources(),
+                           policy=FAST)
+        self.assertEqual(code, 2)
+        url = f"{self.server.base}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
+        self.assertEqual(err.getvalue(), (
+            f"error: cannot get the GPT-1 tokenizer: {url}: not in the Hugging Face cache "
+            f"({self.home}/hub), and HF_HUB_OFFLINE is set. Run `HF_HUB_OFFLINE=0 python -m "
+            f"utils.prepare_data --data_folder {self.data}` with network access, or put "
+            "wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder and add "
+            "`--mirror FOLDER`\n"))
+        self.assertEqual(self.server.log, [])
 
     def test_bad_mirror_value(self):
         err = io.StringIO()
@@ -415,9 +583,9 @@ class ParquetSourceTest(LoopbackCase):
             rows = [line + "\n" if line.strip() else "" for line in RAW_TEXT[split].split("\n")[:-1]]
             write_parquet(os.path.join(mirror, name), rows)
             with open(os.path.join(mirror, name), "rb") as file:
-                files[split] = RemoteFile(name, f"{UNREACHABLE}/{name}", sha256(file.read()))
-        sources = dataclasses.replace(fixture_sources(self.files, UNREACHABLE),
-                                      wikitext=(pd.ParquetText(files),))
+                files[split] = HubFile("ok/wikitext", f"wikitext-2-raw-v1/{name}", REVISION,
+                                       sha256(file.read()), repo_type="dataset")
+        sources = dataclasses.replace(self.sources(), wikitext=(pd.ParquetText(files),))
         return mirror, sources
 
     @unittest.skipUnless(HAS_PYARROW, "pyarrow is not installed (optional: only this source needs it)")

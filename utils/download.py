@@ -1,36 +1,57 @@
-"""Pinned remote files, fetched checked and resumable; tensors read out of a remote safetensors file.
+"""Pinned remote files, fetched and checked; rows of tensors read out of a remote safetensors file.
 
-    fetch_file(remote, folder, mirror, policy)                  a checked copy at folder/NAME
-    read_safetensors_rows(remote, folder, rows_by_name, ...)    rows of some tensors, by ranges
+    fetch_file(remote, folder, mirror, policy)                  path of a checked copy
+    fetch_into(remote, folder, mirror, policy)                  a checked copy at folder/NAME
+    read_safetensors_rows(remote, folder, rows_by_name, ...)    rows of some tensors
 
-A download is written to `NAME.part`, resumed from there after a failure (a Range request for
-the rest), checked (size and sha256, where pinned) and only then renamed: an interrupted run
-leaves the previous state or a complete, checked file. A file that fails its check is deleted.
-A failure that may pass (5xx, timeout, reset, early end) is retried, waiting longer each time.
+Two kinds of remote file:
 
-`--mirror DIR` takes every file by its name from a local folder, `--mirror URL` from
-`URL/<name>`; without a mirror each file comes from its pinned URL.
+    HubFile     a file of a Hugging Face Hub repository at a pinned commit. huggingface_hub fetches
+                it into its cache or takes it from there, with the Hub client's own settings:
+                HF_ENDPOINT (a mirror of the Hub), HF_TOKEN, HF_HOME / HF_HUB_CACHE (the cache,
+                ~/.cache/huggingface/hub by default), HF_HUB_OFFLINE (no request at all).
+    RemoteFile  a file at a plain URL, not on the Hub: downloaded to `folder/NAME.part`, resumed
+                from there after a failure (a Range request for the rest), checked, then renamed.
+                A failure that may pass (5xx, timeout, reset, early end) is retried, waiting
+                longer each time.
+
+Every file is checked against its pinned size and sha256 before use; a cached or downloaded file
+that fails is deleted and never used. `--mirror DIR` takes every file by its name from a local
+folder (checked in place), `--mirror URL` from `URL/<name>`, as a plain download.
+
+Some tensors of a safetensors checkpoint are read from the whole file where it is at hand (the Hub
+cache, a mirror folder); otherwise only the header and those rows are fetched, by range requests.
+Rows so read from the Hub are kept in the Hugging Face assets cache (HF_HOME/assets), so that a
+later run, offline included, finds them there.
 """
 import contextlib
 import dataclasses
 import errno
 import hashlib
-import http.client
+import io
 import json
 import os
+import posixpath
+import shutil
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
+from huggingface_hub import (cached_assets_path, constants, hf_hub_download, hf_hub_url,
+                             try_to_load_from_cache)
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+# huggingface_hub's HTTP module (httpx, or httpx2 from huggingface_hub 2.0 on) and its client.
+from huggingface_hub.utils import build_hf_headers, get_session, httpx
+from huggingface_hub.utils import tqdm as hub_tqdm
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 
 @dataclasses.dataclass(frozen=True)
 class RemoteFile:
-    """One file to fetch: its pinned URL, its name (the key in a mirror) and what to check."""
+    """A file at a plain URL (not on the Hub): its name (the key in a mirror) and what to check."""
     name: str
     url: str
     sha256: str = None
@@ -38,8 +59,31 @@ class RemoteFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class HubFile:
+    """A file of a Hugging Face Hub repository at a pinned commit, and what to check."""
+    repo_id: str
+    filename: str  # its path in the repository
+    revision: str  # a commit hash, so that a cached copy is used without asking the Hub
+    sha256: str = None
+    size: int = None
+    repo_type: str = "model"
+
+    @property
+    def name(self):
+        """The file's name: its key in a mirror."""
+        return posixpath.basename(self.filename)
+
+    @property
+    def url(self):
+        """Its URL on the Hub (HF_ENDPOINT)."""
+        return hf_hub_url(self.repo_id, self.filename, repo_type=self.repo_type,
+                          revision=self.revision)
+
+
+@dataclasses.dataclass(frozen=True)
 class DownloadPolicy:
-    """How hard to try: `retries` more tries after a failure, waiting backoff_s, 2*backoff_s..."""
+    """How hard to try a plain download or a range: `retries` more tries after a failure,
+    waiting backoff_s, 2*backoff_s... (the Hub client retries its own requests)."""
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 30.0
@@ -59,11 +103,22 @@ class ChecksumError(DownloadError):
 
 
 class StorageError(OSError):
-    """The data folder cannot be written (permission, full disk...); the message says which."""
+    """A folder cannot be written (permission, full disk...); the message says which and what to do."""
 
 
 class _RangeUnsupported(Exception):
     """The server answered a range request with the whole file."""
+
+
+class _NoProgressBar(hub_tqdm):
+    """huggingface_hub's progress bar, switched off."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+_RETRYABLE_STATUS = (408, 425, 429, 500, 502, 503, 504)
 
 
 def report_progress(progress, message):
@@ -72,16 +127,28 @@ def report_progress(progress, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def storage_error(error, path):
-    """A StorageError saying what went wrong writing `path` and how to fix it."""
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def storage_error(error, path, setting="--data_folder"):
+    """A StorageError saying what went wrong writing `path` and which `setting` to change."""
     folder = os.path.dirname(os.path.abspath(path))
     if error.errno == errno.ENOSPC:
         return StorageError(f"disk full while writing {path}: free some space in {folder} "
-                            "or pick another --data_folder, then run again to resume")
+                            f"or pick another {setting}, then run again to resume")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"cannot write {path}: {error.strerror.lower()}; "
-                            "pick a writable --data_folder")
-    return StorageError(f"cannot write {path}: {error.strerror or error}")
+                            f"pick a writable {setting}")
+    return StorageError(f"cannot write {path}: {(error.strerror or str(error)).lower()}; "
+                        f"pick another {setting}")
+
+
+def discard(path):
+    """Delete a file that failed its check; in the Hub cache, the snapshot's link and its blob."""
+    for name in {path, os.path.realpath(path)}:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +168,7 @@ def mirror_kind(mirror):
 
 
 def remote_location(remote, mirror):
-    """The URL or local path `remote` is read from: its pinned URL unless a mirror is given."""
+    """The URL or local path `remote` is read from: its own URL unless a mirror is given."""
     kind = mirror_kind(mirror)
     if kind == "dir":
         return os.path.join(mirror, remote.name)
@@ -110,36 +177,54 @@ def remote_location(remote, mirror):
     return remote.url
 
 
-def _is_url(location):
-    return location.startswith(("http://", "https://"))
+def _from_hub(remote, mirror):
+    return mirror is None and isinstance(remote, HubFile)
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP
+# Why a request failed
 
 
-def _describe(error, policy):
+def _os_cause(error):
+    """The first OSError with a reason (refused, unknown host...) behind a network error."""
+    while error is not None and not (isinstance(error, OSError) and error.strerror):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _describe(error, policy=None):
     """One short phrase for a network failure."""
-    reason = getattr(error, "reason", error)
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return f"timed out after {policy.timeout_s:g} s"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve the host name, no network? ({reason.strerror})"
-    if isinstance(reason, ConnectionRefusedError):
+    if isinstance(error, OfflineModeIsEnabled):
+        return "not downloaded: HF_HUB_OFFLINE is set"
+    if isinstance(error, (httpx.HTTPStatusError, HfHubHTTPError)) and error.response is not None:
+        return f"HTTP {error.response.status_code} {error.response.reason_phrase}"
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out after {policy.timeout_s:g} s" if policy else "timed out"
+    if isinstance(error, httpx.RemoteProtocolError):
+        return "connection closed before the end of the file"
+    cause = _os_cause(error)
+    if isinstance(cause, socket.gaierror):
+        return f"cannot resolve the host name, no network? ({cause.strerror})"
+    if isinstance(cause, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror.lower()
-    return str(reason) or type(reason).__name__
+    if cause is not None:
+        return cause.strerror.lower()
+    return str(error).split("\n")[0] or type(error).__name__
 
 
 def _retryable(error):
-    """Whether trying again may help: server or connection trouble, not a 404 or an unknown host."""
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code in (408, 425, 429, 500, 502, 503, 504)
-    reason = getattr(error, "reason", None)
-    return not (isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME)
+    """Whether trying again may help: server or connection trouble, not a 404, an unknown host
+    or offline mode."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code in _RETRYABLE_STATUS
+    cause = _os_cause(error)
+    return not (isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_NONAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain HTTP, on huggingface_hub's client (so HF_HUB_OFFLINE stops it too)
 
 
 def _open_for_append(path):
@@ -147,92 +232,82 @@ def _open_for_append(path):
     return open(path, "ab")
 
 
-def _write_chunks(response, part, expected, progress_bar, policy):
-    """Append the response body to `part`; returns the number of bytes received.
-
-    Network errors propagate as they are (they may be retried); write errors become StorageError.
-    """
-    received = 0
-    try:
-        file = _open_for_append(part)
-    except OSError as error:
-        raise storage_error(error, part) from error
-    try:
-        while expected is None or received < expected:
-            chunk = response.read(policy.chunk_bytes if expected is None
-                                  else min(policy.chunk_bytes, expected - received))
-            if not chunk:
-                break
-            try:
-                file.write(chunk)
-            except OSError as error:
-                raise storage_error(error, part) from error
-            received += len(chunk)
-            progress_bar.update(len(chunk))
-        try:
-            file.flush()
-            os.fsync(file.fileno())
-        except OSError as error:
-            raise storage_error(error, part) from error
-    finally:
-        with contextlib.suppress(OSError):  # a failed flush was reported above
-            file.close()
-    return received
-
-
-def _request_once(url, part, policy, progress, desc, byte_range):
-    """One HTTP GET of `url` (or of `byte_range`), appended to what `part` already holds.
+def _get_once(url, sink, headers, byte_range, policy, progress, desc):
+    """One GET of `url` (or of `byte_range`), appended to what `sink` already holds.
 
     Raises _RangeUnsupported when a byte range was asked for and the server sent everything,
-    DownloadError (a retryable one) when the body ended early.
+    DownloadError when the body ended early.
     """
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    start, end = byte_range if byte_range else (0, None)
-    request = urllib.request.Request(url, headers={"User-Agent": "utils.prepare_data (urllib)"})
+    have = sink.tell()
+    start, end = byte_range or (0, None)
     if have or byte_range:
-        last = "" if end is None else str(end - 1)
-        request.add_header("Range", f"bytes={start + have}-{last}")
-    with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
-        if response.status == 200 and byte_range:
+        headers = {**headers, "Range": f"bytes={start + have}-{'' if end is None else end - 1}"}
+    with get_session().stream("GET", url, headers=headers, timeout=policy.timeout_s) as response:
+        if response.status_code == 416 and have and not byte_range:
+            return  # nothing left to send: the part is whole; the caller checks it
+        response.raise_for_status()
+        if response.status_code == 200 and byte_range:
             raise _RangeUnsupported(url)
-        if response.status == 200 and have:  # the server ignored our resume: start over
-            open(part, "wb").close()
+        if response.status_code == 200 and have:  # the server ignored our resume: start over
+            sink.seek(0)
+            sink.truncate()
             have = 0
         length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        total = have + expected if expected is not None else None
+        total = have + int(length) if length is not None else None
         with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=desc, disable=not progress, leave=False) as progress_bar:
-            received = _write_chunks(response, part, expected, progress_bar, policy)
-    if expected is not None and received < expected:
-        raise DownloadError(f"connection closed after {have + received:,} of {total:,} bytes")
+            try:
+                for chunk in response.iter_bytes(policy.chunk_bytes):
+                    try:
+                        sink.write(chunk)
+                    except OSError as error:
+                        raise storage_error(error, sink.name) from error
+                    progress_bar.update(len(chunk))
+            except httpx.RemoteProtocolError as error:  # fewer bytes than its Content-Length
+                expected = "" if total is None else f" of {total:,}"
+                raise DownloadError(f"connection closed after {sink.tell():,}{expected} "
+                                    "bytes") from error
 
 
-def _http_to_file(url, part, policy, progress, desc, byte_range=None):
-    """Fill `part` with the body of `url` (or its `byte_range`), retrying and resuming.
+def _download(url, sink, policy, progress, desc, headers=None, byte_range=None):
+    """Fill `sink` with the body of `url` (or its `byte_range`), retrying and resuming.
 
-    A failure that may pass (5xx, timeout, reset, early end) is retried after waiting
-    backoff_s, 2*backoff_s...; the bytes already in `part` are kept and the next try asks for
-    the rest only. Raises DownloadError naming the URL and the last reason.
+    A failure that may pass is retried after waiting backoff_s, 2*backoff_s...; the bytes already
+    in `sink` are kept and the next try asks for the rest only. Raises DownloadError naming the
+    URL and the last reason.
     """
+    headers = {"Accept-Encoding": "identity", **(headers or {})}  # byte counts of the file itself
     for attempt in range(policy.retries + 1):
         try:
-            _request_once(url, part, policy, progress, desc, byte_range)
+            _get_once(url, sink, headers, byte_range, policy, progress, desc)
             return
         except (StorageError, _RangeUnsupported):
             raise
-        except urllib.error.HTTPError as error:
-            error.close()
-            if error.code == 416 and os.path.exists(part):
-                return  # nothing left to send: `part` is whole; the caller checks it
-            failure = error
-        except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError) as error:
+        except (httpx.HTTPError, OSError, DownloadError) as error:
             failure = error
         reason = str(failure) if isinstance(failure, DownloadError) else _describe(failure, policy)
         if not _retryable(failure) or attempt == policy.retries:
             tries = f" (tried {attempt + 1} times)" if attempt else ""
             raise DownloadError(f"{url}: {reason}{tries}") from failure
         time.sleep(policy.backoff_s * 2 ** attempt)
+
+
+def _download_to_part(url, part, policy, progress, desc):
+    """Fill the file `part` with `url`, resuming from what it holds (StorageError if unwritable)."""
+    try:
+        sink = _open_for_append(part)
+    except OSError as error:
+        raise storage_error(error, part) from error
+    try:
+        _download(url, sink, policy, progress, desc)
+        try:
+            sink.flush()
+            os.fsync(sink.fileno())
+        except OSError as error:
+            raise storage_error(error, part) from error
+    finally:
+        with contextlib.suppress(OSError):  # a failed flush was reported above
+            sink.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,41 +339,74 @@ def _check(remote, path, progress=False):
     return None
 
 
-def _copy_local(source, part, progress):
-    """Copy a mirror file into `part` (DownloadError if it cannot be read, StorageError if
-    `part` cannot be written)."""
+def _hub_cached(remote, progress):
+    """Path of the checked copy of `remote` in the Hub cache, or None; a copy that fails its check
+    is deleted, with a warning."""
+    path = try_to_load_from_cache(remote.repo_id, remote.filename, revision=remote.revision,
+                                  repo_type=remote.repo_type)
+    if not isinstance(path, str):
+        return None
+    problem = _check(remote, path, progress)
+    if problem is None:
+        return path
+    discard(path)
+    _warn(f"{path}: not the pinned {remote.name} ({problem}); deleted from the Hugging Face cache")
+    return None
+
+
+def _hub_error(error, remote):
+    """The DownloadError or StorageError to raise for what hf_hub_download raised."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return storage_error(error, error.filename or constants.HF_HUB_CACHE, "HF_HOME")
+    if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:
+        error = error.__cause__  # the request's failure: the file was not in the cache either
+    if isinstance(error, OfflineModeIsEnabled):
+        return DownloadError(f"{remote.url}: not in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
+    return DownloadError(f"{remote.url}: {_describe(error)}")
+
+
+def _fetch_from_hub(remote, policy, progress):
+    """Path of a checked copy of `remote` in the Hub cache, downloaded there when missing."""
+    path = _hub_cached(remote, progress)
+    if path is not None:
+        return path
     try:
-        reader = open(source, "rb")
-    except OSError as error:
-        raise DownloadError(f"{source}: {(error.strerror or str(error)).lower()}") from error
-    with reader, tqdm(total=os.path.getsize(source), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=os.path.basename(source), disable=not progress, leave=False) as bar:
-        try:
-            with open(part, "wb") as writer:
-                for block in iter(lambda: reader.read(1 << 20), b""):
-                    writer.write(block)
-                    bar.update(len(block))
-        except OSError as error:
-            raise storage_error(error, part) from error
+        path = hf_hub_download(remote.repo_id, remote.filename, revision=remote.revision,
+                               repo_type=remote.repo_type, etag_timeout=policy.timeout_s,
+                               tqdm_class=None if progress else _NoProgressBar)
+    except (OSError, httpx.HTTPError) as error:
+        raise _hub_error(error, remote) from error
+    problem = _check(remote, path, progress)
+    if problem is not None:
+        discard(path)
+        raise ChecksumError(f"{remote.url}: not the pinned {remote.name} ({problem}); deleted")
+    report_progress(progress, f"fetched {remote.name} from {remote.url} into {path}")
+    return path
 
 
 def fetch_file(remote, folder, mirror=None, policy=DownloadPolicy(), progress=True):
-    """A checked copy of `remote` at `folder/remote.name`, fetched unless already there.
+    """Path of a checked copy of `remote`: in the Hub cache for a HubFile, in the mirror folder
+    for `--mirror DIR`, else at `folder/remote.name` (a plain download, kept there).
 
     Raises DownloadError (ChecksumError for a file that is not the pinned one, which is then
-    deleted) and StorageError.
+    deleted, or left unused in a mirror folder) and StorageError.
     """
+    location = remote_location(remote, mirror)
+    if mirror_kind(mirror) == "dir":
+        if not os.path.isfile(location):
+            raise DownloadError(f"{location}: no such file in the mirror folder")
+        problem = _check(remote, location, progress)
+        if problem is not None:
+            raise ChecksumError(f"{location}: not the pinned {remote.name} ({problem}); not used")
+        return location
+    if _from_hub(remote, mirror):
+        return _fetch_from_hub(remote, policy, progress)
     target = os.path.join(folder, remote.name)
     if os.path.exists(target) and _check(remote, target) is None:
         return target
-    location = remote_location(remote, mirror)
     part = target + ".part"
-    if _is_url(location):
-        _http_to_file(location, part, policy, progress, remote.name)
-    elif os.path.isfile(location):
-        _copy_local(location, part, progress)
-    else:
-        raise DownloadError(f"{location}: no such file in the mirror folder")
+    _download_to_part(location, part, policy, progress, remote.name)
     problem = _check(remote, part, progress)
     if problem is not None:
         os.remove(part)
@@ -309,102 +417,155 @@ def fetch_file(remote, folder, mirror=None, policy=DownloadPolicy(), progress=Tr
     return target
 
 
+def fetch_into(remote, folder, mirror=None, policy=DownloadPolicy(), progress=True):
+    """A checked copy of `remote` at `folder/remote.name` (a file the folder itself must hold,
+    such as the tokenizer's), copied from where fetch_file put it."""
+    target = os.path.join(folder, remote.name)
+    if os.path.exists(target) and _check(remote, target) is None:
+        return target
+    path = fetch_file(remote, folder, mirror, policy, progress)
+    if path != target:
+        part = target + ".part"
+        try:
+            shutil.copyfile(path, part)
+            os.replace(part, target)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+            raise storage_error(error, target) from error
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensors of a safetensors file: 8 bytes of header length, a JSON header, then the raw tensors
 
 
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit; a bigger "length" means another file
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-                       "F64": np.dtype("<f8")}
+_FLOAT_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+                 "F64": np.dtype("<f8")}
 
 
-def _find_tensor(header, name, where):
-    """(dtype, shape, (start, end)) of tensor `name`, also found under a "transformer." prefix."""
-    matches = [key for key in header if key == name or key.endswith("." + name)]
+def _tensor_key(names, name, where):
+    """The key of tensor `name` among `names`, also found under a prefix such as "transformer."."""
+    matches = [key for key in names if key == name or key.endswith("." + name)]
     if not matches:
-        tensors = sorted(key for key in header if key != "__metadata__")
+        tensors = sorted(key for key in names if key != "__metadata__")
         raise DownloadError(f"{where}: no tensor {name!r}; it has {tensors[:5]}...")
-    entry = header[matches[0]]
-    if entry["dtype"] not in _SAFETENSORS_DTYPES or len(entry["shape"]) != 2:
-        raise DownloadError(f"{where}: tensor {name!r} is {entry['dtype']} {entry['shape']}, "
+    return matches[0]
+
+
+def _rows_to_read(where, name, dtype, shape, rows):
+    """The number of rows to read of tensor `name` (all for None); DownloadError unless it is a
+    2-D float tensor with that many."""
+    if dtype not in _FLOAT_DTYPES or len(shape) != 2:
+        raise DownloadError(f"{where}: tensor {name!r} is {dtype} {list(shape)}, "
                             "expected a 2-D float tensor")
-    return entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"])
+    if rows is not None and shape[0] < rows:
+        raise DownloadError(f"{where}: tensor {name!r} has {shape[0]} rows, need {rows}")
+    return shape[0] if rows is None else rows
+
+
+def _read_tensors_local(path, rows_by_name):
+    """name -> float32 rows of the tensors of a local safetensors file."""
+    arrays = {}
+    try:
+        with safe_open(path, framework="pt") as file:  # torch: it reads bfloat16 too
+            names = list(file.keys())
+            for name, rows in rows_by_name.items():
+                tensor = file.get_slice(_tensor_key(names, name, path))
+                rows = _rows_to_read(path, name, tensor.get_dtype(), tensor.get_shape(), rows)
+                arrays[name] = tensor[:rows].float().numpy()
+    except SafetensorError as error:
+        raise DownloadError(f"{path}: not a safetensors file ({error})") from error
+    return arrays
 
 
 def _as_float32(data, dtype, shape):
     """float32 array of raw little-endian tensor bytes."""
-    array = np.frombuffer(data, dtype=_SAFETENSORS_DTYPES[dtype])
+    array = np.frombuffer(data, dtype=_FLOAT_DTYPES[dtype])
     if dtype == "BF16":  # bfloat16 is the upper half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(np.float32).reshape(shape)
 
 
-def _header_length(first_bytes, where):
-    """Length of a safetensors JSON header from the file's first 8 bytes (DownloadError if absurd)."""
-    length = int.from_bytes(first_bytes, "little")
-    if len(first_bytes) != 8 or not 2 <= length <= _MAX_HEADER_BYTES:
-        raise DownloadError(f"{where}: not a safetensors file (header length {length})")
-    return length
+def _read_tensors_ranged(url, headers, rows_by_name, policy, progress):
+    """name -> float32 rows, fetching only the header and those rows (_RangeUnsupported if the
+    server sends whole files)."""
+    def fetch(start, end, desc=None):
+        sink = io.BytesIO()
+        _download(url, sink, policy, progress and desc is not None, desc, headers, (start, end))
+        if sink.tell() != end - start:
+            raise DownloadError(f"{url}: got {sink.tell():,} bytes of range {start}-{end}")
+        return sink.getvalue()
 
-
-def _tensor_plan(header_bytes, rows_by_name, where):
-    """(name, dtype, shape, absolute byte range) of the rows of each tensor we need."""
-    header_length = len(header_bytes)
+    length = int.from_bytes(fetch(0, 8), "little")
+    if not 2 <= length <= _MAX_HEADER_BYTES:
+        raise DownloadError(f"{url}: not a safetensors file (header length {length})")
     try:
-        header = json.loads(header_bytes)
-        entries = {name: _find_tensor(header, name, where) for name in rows_by_name}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DownloadError(f"{where}: not a safetensors file ({error!r})") from error
-    plan = []
-    for name, rows in rows_by_name.items():
-        dtype, shape, (start, end) = entries[name]
-        rows = shape[0] if rows is None else rows
-        if shape[0] < rows:
-            raise DownloadError(f"{where}: tensor {name!r} has {shape[0]} rows, need {rows}")
-        row_bytes = shape[1] * _SAFETENSORS_DTYPES[dtype].itemsize
-        if end - start != shape[0] * row_bytes:
-            raise DownloadError(f"{where}: tensor {name!r} spans {end - start} bytes, not {shape}")
-        first = 8 + header_length + start
-        plan.append((name, dtype, (rows, shape[1]), (first, first + rows * row_bytes)))
-    return plan
-
-
-def _read_tensors_local(path, rows_by_name):
-    """name -> float32 rows of the tensors of a local safetensors file."""
-    with open(path, "rb") as file:
-        header_length = _header_length(file.read(8), path)
-        plan = _tensor_plan(file.read(header_length), rows_by_name, path)
-        arrays = {}
-        for name, dtype, shape, (start, end) in plan:
-            file.seek(start)
-            arrays[name] = _as_float32(file.read(end - start), dtype, shape)
-    return arrays
-
-
-def _fetch_range(url, work, name, byte_range, policy, progress):
-    """Bytes `byte_range` of `url`, through a resumable `work/name.part`."""
-    part = os.path.join(work, name + ".part")
-    try:
-        _http_to_file(url, part, policy, progress, name, byte_range)
-        with open(part, "rb") as file:
-            data = file.read()
-    finally:
-        if os.path.exists(part) and os.path.getsize(part) >= byte_range[1] - byte_range[0]:
-            os.remove(part)  # complete: nothing to resume; incomplete parts stay for next time
-    if len(data) != byte_range[1] - byte_range[0]:
-        raise DownloadError(f"{url}: got {len(data):,} bytes of range {byte_range}")
-    return data
-
-
-def _read_tensors_ranged(url, work, stem, rows_by_name, policy, progress):
-    """name -> float32 rows, fetching only the header and those rows (_RangeUnsupported if not)."""
-    length = _header_length(_fetch_range(url, work, f"{stem}.length", (0, 8), policy, False), url)
-    header = _fetch_range(url, work, f"{stem}.header", (8, 8 + length), policy, False)
+        header = json.loads(fetch(8, 8 + length))
+    except ValueError as error:
+        raise DownloadError(f"{url}: not a safetensors file ({error})") from error
     arrays = {}
-    for name, dtype, shape, byte_range in _tensor_plan(header, rows_by_name, url):
-        data = _fetch_range(url, work, f"{stem}.{name}", byte_range, policy, progress)
-        arrays[name] = _as_float32(data, dtype, shape)
+    for name, rows in rows_by_name.items():
+        entry = header[_tensor_key(header, name, url)]
+        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        rows = _rows_to_read(url, name, dtype, shape, rows)
+        row_bytes = shape[1] * _FLOAT_DTYPES[dtype].itemsize
+        if end - start != shape[0] * row_bytes:
+            raise DownloadError(f"{url}: tensor {name!r} spans {end - start} bytes, not {shape}")
+        first = 8 + length + start
+        arrays[name] = _as_float32(fetch(first, first + rows * row_bytes, name), dtype,
+                                   (rows, shape[1]))
     return arrays
+
+
+def _kept_rows_path(remote):
+    """Where rows read by ranges from a Hub checkpoint are kept (the Hugging Face assets cache),
+    or None, with a warning, when that folder cannot be made."""
+    try:
+        folder = cached_assets_path("ift6135", namespace=remote.repo_id.replace("/", "--"),
+                                    subfolder=remote.revision)
+    except OSError as error:
+        _warn(f"{storage_error(error, error.filename or constants.HF_ASSETS_CACHE, 'HF_HOME')} "
+              "(rows read now are not kept)")
+        return None
+    return os.path.join(folder, remote.name)
+
+
+def _rows_metadata(arrays, rows_by_name):
+    """What a file of kept rows records, to be checked on reading: the rows, their sha256."""
+    digests = {name: hashlib.sha256(array.tobytes()).hexdigest() for name, array in arrays.items()}
+    return {"rows": json.dumps(rows_by_name, sort_keys=True),
+            "sha256": json.dumps(digests, sort_keys=True)}
+
+
+def _kept_rows(path, rows_by_name):
+    """The rows kept at `path`, or None; a file that fails its check is deleted, with a warning."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="numpy") as file:
+            metadata, arrays = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
+        if metadata == _rows_metadata(arrays, rows_by_name):
+            return arrays
+    except SafetensorError:
+        pass
+    discard(path)
+    _warn(f"{path}: kept tensor rows that fail their check; deleted")
+    return None
+
+
+def _keep_rows(path, arrays, rows_by_name):
+    """Keep rows read by ranges at `path` for later runs (a warning if it cannot be written)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(arrays, temporary, metadata=_rows_metadata(arrays, rows_by_name))
+        os.replace(temporary, path)
+    except OSError as error:
+        _warn(f"{storage_error(error, path, 'HF_HOME')} (rows read now are not kept)")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=DownloadPolicy(),
@@ -412,24 +573,40 @@ def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=Down
     """name -> float32 array of the first `rows` rows of each 2-D tensor of `rows_by_name`.
 
     `rows_by_name` maps a tensor's name (also found under a prefix such as "transformer.") to
-    the number of rows wanted, None for all. Over HTTP only those rows' bytes are fetched (range
-    requests, resumable through parts in `folder`); a server that ignores ranges gets the whole
-    file downloaded, checked against its sha256, read, and deleted. A mirror folder's file is
-    checked in place. Raises DownloadError (ChecksumError for a file that is not the pinned one).
+    the number of rows wanted, None for all. A whole file at hand (the Hub cache, a mirror folder)
+    is checked and read. Otherwise only those rows' bytes are fetched, by range requests; rows of
+    a Hub file are then kept in the assets cache. A server that ignores ranges gets the whole file
+    fetched (into the Hub cache, or into `folder`, deleted after reading). Raises DownloadError
+    (ChecksumError for a file that is not the pinned one).
     """
-    location = remote_location(remote, mirror)
-    if not _is_url(location):
-        if not os.path.isfile(location):
-            raise DownloadError(f"{location}: no such file in the mirror folder")
-        problem = _check(remote, location, progress)
-        if problem is not None:
-            raise ChecksumError(f"{location}: not the pinned {remote.name} ({problem}); not used")
-        return _read_tensors_local(location, rows_by_name)
+    kept = None
+    if _from_hub(remote, mirror):
+        path = _hub_cached(remote, progress)
+        if path is not None:
+            return _read_tensors_local(path, rows_by_name)
+        kept = _kept_rows_path(remote)
+        arrays = _kept_rows(kept, rows_by_name)
+        if arrays is not None:
+            return arrays
+        if constants.HF_HUB_OFFLINE:
+            raise DownloadError(f"{remote.url}: neither it nor the rows read from it are in the "
+                                "Hugging Face cache, and HF_HUB_OFFLINE is set")
+        url, headers = remote.url, build_hf_headers()
+    elif mirror_kind(mirror) == "dir":
+        return _read_tensors_local(fetch_file(remote, folder, mirror, policy, progress),
+                                   rows_by_name)
+    else:
+        url, headers = remote_location(remote, mirror), {}
     try:
-        return _read_tensors_ranged(location, folder, remote.name, rows_by_name, policy, progress)
+        arrays = _read_tensors_ranged(url, headers, rows_by_name, policy, progress)
     except _RangeUnsupported:
+        report_progress(progress, f"{url} ignores range requests: fetching the whole file")
         path = fetch_file(remote, folder, mirror, policy, progress)
         try:
             return _read_tensors_local(path, rows_by_name)
         finally:
-            os.remove(path)  # the whole checkpoint (479 MB for GPT-1), no longer needed
+            if not _from_hub(remote, mirror):
+                os.remove(path)  # the whole checkpoint (479 MB for GPT-1), no longer needed
+    if kept is not None:
+        _keep_rows(kept, arrays, rows_by_name)
+    return arrays

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
 from utils.cli import OneLineParser, UsageError, resolve_device
-from utils.download import DataUnavailableError, DownloadError, fetch_file
+from utils.download import DataUnavailableError, DownloadError, fetch_into
 from utils.language_model import perplexity, token_nll
 from utils.models import load_checkpoint
 from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
@@ -162,12 +162,12 @@ def load_tokenizer(folder):
     try:
         os.makedirs(folder, exist_ok=True)
         for remote in TOKENIZER_FILES:
-            fetch_file(remote, folder)
+            fetch_into(remote, folder)
     except (DownloadError, OSError) as error:
         raise DataUnavailableError(
             f"the GPT-1 tokenizer (vocab.json, merges.txt) is not in {folder} and could not be "
             f"fetched ({error}); run `python -m utils.prepare_data --data_folder {folder}` with "
-            "internet access, or pass --data_folder FOLDER holding those two files") from None
+            "network access, or pass --data_folder FOLDER holding those two files") from None
     return GPT1Tokenizer.from_folder(folder)
 
 

@@ -10,20 +10,21 @@ What it makes in `--data_folder` (see `data/README.md`):
     vocab.json, merges.txt             the GPT-1 tokenizer (generation decodes with it)
     embeddings.npz                     `tokens` (40479, 768) = zero row + GPT-1's token
                                        embeddings, `position` (256, 768), float32
-    sources/                           downloaded sources and partial downloads (`*.part`)
+    sources/                           files from plain URLs and their partial downloads (`*.part`)
 
-and from where (every remote file is pinned: URL at a fixed revision, file name, sha256):
+and from where (every remote file is pinned: repository and commit or URL, name, sha256):
 
-    WikiText-2 raw   wikitext-2-raw-v1.zip (Hugging Face mirror, then wikitext.smerity.com),
-                     then the parquet files of Salesforce/wikitext (only if pyarrow is installed)
-    tokenizer        vocab.json, merges.txt of openai-community/openai-gpt
-    embeddings       two tensors of openai-community/openai-gpt's model.safetensors, fetched with
-                     HTTP range requests (about 125 MB of its 479 MB), the whole file otherwise
+    WikiText-2 raw   wikitext-2-raw-v1.zip of the Hub dataset ggml-org/ci, then of
+                     wikitext.smerity.com, then the parquet files of the Hub dataset
+                     Salesforce/wikitext (only if pyarrow is installed)
+    tokenizer        vocab.json, merges.txt of the Hub model openai-community/openai-gpt
+    embeddings       two tensors of that model's model.safetensors, fetched with HTTP range
+                     requests (about 125 MB of its 479 MB) unless the whole file is at hand
 
-`--mirror DIR` takes every file by its name from a local folder, `--mirror URL` from
-`URL/<name>`. A download is written to `<name>.part`, resumed from there after a failure,
-checked, and only then renamed: an interrupted run leaves the previous state or a complete,
-checked file. A file that fails its check is deleted (never used) and reported.
+Files on the Hub are fetched by huggingface_hub into its cache (HF_HOME, ~/.cache/huggingface),
+or taken from there; HF_ENDPOINT names a mirror of the Hub, HF_TOKEN a token, HF_HUB_OFFLINE=1
+forbids any request. `--mirror DIR` takes every file by its name from a local folder, `--mirror
+URL` from `URL/<name>`. A file that fails its check is deleted (never used) and reported.
 
 `--verify` compares the arrays in `--data_folder` with the sha256 of the course's official
 arrays; a build runs the same check at its end. The fetching itself is `utils/download.py`.
@@ -39,12 +40,13 @@ import time
 import zipfile
 
 import numpy as np
+from huggingface_hub import constants
 
 from utils.cli import OneLineParser
-from utils.download import (DataUnavailableError, DownloadError, DownloadPolicy, RemoteFile,
-                            StorageError, fetch_file, mirror_kind, read_safetensors_rows,
-                            remote_location, report_progress, storage_error)
-from utils.tokenization import GPT1_REVISION_URL, TOKENIZER_FILES, GPT1Tokenizer
+from utils.download import (DataUnavailableError, DownloadError, DownloadPolicy, HubFile,
+                            RemoteFile, StorageError, discard, fetch_file, fetch_into, mirror_kind,
+                            read_safetensors_rows, remote_location, report_progress, storage_error)
+from utils.tokenization import GPT1_REPO, GPT1_REVISION, TOKENIZER_FILES, GPT1Tokenizer
 
 SPLITS = ("train", "validation", "test")
 DATA_FILES = ("wiki.train.npz", "wiki.validation.npz", "wiki.test.npz")
@@ -64,7 +66,7 @@ OFFICIAL_TOKENS_SHA256 = {
 @dataclasses.dataclass(frozen=True)
 class ZipText:
     """WikiText-2 raw as one zip archive holding one text file per split."""
-    archive: RemoteFile
+    archive: object  # HubFile or RemoteFile
     members: dict  # split -> member path in the archive
 
     @property
@@ -75,7 +77,7 @@ class ZipText:
 @dataclasses.dataclass(frozen=True)
 class ParquetText:
     """WikiText-2 raw as Hugging Face parquet files, one per split, a `text` row per line."""
-    parquet: dict  # split -> RemoteFile
+    parquet: dict  # split -> HubFile or RemoteFile
 
     @property
     def files(self):
@@ -84,11 +86,12 @@ class ParquetText:
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
-    """Every remote file the data is made from; tests swap in their own."""
+    """Every remote file the data is made from (each a HubFile or a RemoteFile); tests swap in
+    their own."""
     wikitext: tuple  # ZipText / ParquetText, tried in order
-    vocab: RemoteFile
-    merges: RemoteFile
-    checkpoint: RemoteFile
+    vocab: object
+    merges: object
+    checkpoint: object
     token_tensor: str = "tokens_embed.weight"
     position_tensor: str = "positions_embed.weight"
 
@@ -102,35 +105,34 @@ _WIKITEXT_ZIP_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c6
 _WIKITEXT_MEMBERS = {"train": "wikitext-2-raw/wiki.train.raw",
                      "validation": "wikitext-2-raw/wiki.valid.raw",
                      "test": "wikitext-2-raw/wiki.test.raw"}
-_PARQUET = ("https://huggingface.co/datasets/Salesforce/wikitext/resolve/"
-            "b08601e04326c79dfdd32d625aee71d232d685c3/wikitext-2-raw-v1/")
 _PARQUET_FILES = {
-    "train": ("train-00000-of-00001.parquet", 6357543,
+    "train": ("wikitext-2-raw-v1/train-00000-of-00001.parquet", 6357543,
               "e83889baabc497075506f91975be5fac0d45c5290b6b20582c8cd1e853d0c9f7"),
-    "validation": ("validation-00000-of-00001.parquet", 657209,
+    "validation": ("wikitext-2-raw-v1/validation-00000-of-00001.parquet", 657209,
                    "204929b7ff9d6184953f867dedb860e40aa69c078fc1e54b3baaa8fb28511c4c"),
-    "test": ("test-00000-of-00001.parquet", 732610,
+    "test": ("wikitext-2-raw-v1/test-00000-of-00001.parquet", 732610,
              "5f1bea067869d04849c0f975a2b29c4ff47d867f484f5010ea5e861eab246d91"),
 }
 
 DEFAULT_SOURCES = Sources(
     wikitext=(
-        ZipText(RemoteFile("wikitext-2-raw-v1.zip",
-                           "https://huggingface.co/datasets/ggml-org/ci/resolve/"
-                           "927b3642933080f1b0e811e2f916e14c292992f9/wikitext-2-raw-v1.zip",
-                           _WIKITEXT_ZIP_SHA256, 4721645),
+        ZipText(HubFile("ggml-org/ci", "wikitext-2-raw-v1.zip",
+                        "927b3642933080f1b0e811e2f916e14c292992f9", _WIKITEXT_ZIP_SHA256, 4721645,
+                        repo_type="dataset"),
                 _WIKITEXT_MEMBERS),
         ZipText(RemoteFile("wikitext-2-raw-v1.zip",
                            "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
                            _WIKITEXT_ZIP_SHA256, 4721645),
                 _WIKITEXT_MEMBERS),
-        ParquetText({split: RemoteFile(name, _PARQUET + name, sha256, size)
-                     for split, (name, size, sha256) in _PARQUET_FILES.items()}),
+        ParquetText({split: HubFile("Salesforce/wikitext", filename,
+                                    "b08601e04326c79dfdd32d625aee71d232d685c3", sha256, size,
+                                    repo_type="dataset")
+                     for split, (filename, size, sha256) in _PARQUET_FILES.items()}),
     ),
     vocab=TOKENIZER_FILES[0],
     merges=TOKENIZER_FILES[1],
-    checkpoint=RemoteFile("model.safetensors", f"{GPT1_REVISION_URL}/model.safetensors",
-                          "25c82cdf1844d2d93e9120b3b628fc6c2b4fcc7801a1297f58465ba67d45deb3"),
+    checkpoint=HubFile(GPT1_REPO, "model.safetensors", GPT1_REVISION,
+                       "25c82cdf1844d2d93e9120b3b628fc6c2b4fcc7801a1297f58465ba67d45deb3"),
 )
 
 
@@ -170,7 +172,8 @@ def _fetch_wikitext(source, folder, mirror, policy, progress):
         try:
             return _zip_splits(source, path)
         except DownloadError:
-            os.remove(path)  # a file that fails its check is never used again
+            if mirror_kind(mirror) != "dir":  # never used again; a mirror folder is the user's
+                discard(path)
             raise
     if importlib.util.find_spec("pyarrow") is None:  # known before downloading 8 MB for nothing
         raise DownloadError("parquet source skipped: it needs pyarrow (pip install pyarrow)")
@@ -183,9 +186,9 @@ def read_wikitext(folder, sources=DEFAULT_SOURCES, mirror=None, policy=DownloadP
                   progress=True):
     """split -> non-empty lines of WikiText-2 raw, from the first source that works.
 
-    Downloads go to `folder`. Returns (documents, used, failures): `used` names the file(s)
-    read, `failures` says why each earlier source failed. Raises DownloadError, naming every
-    source and why it failed, when none works.
+    Plain downloads go to `folder`, Hub files to the Hub cache. Returns (documents, used,
+    failures): `used` names the file(s) read, `failures` says why each earlier source failed.
+    Raises DownloadError, naming every source and why it failed, when none works.
     """
     failures, tried = [], set()
     for source in sources.wikitext:
@@ -205,9 +208,11 @@ def _unavailable_message(what, failures, sources, folder):
     """One line: what failed and why, and the two ways to get the files."""
     names = [remote.name for remote in sources.wikitext[0].files]
     names += [sources.vocab.name, sources.merges.name, sources.checkpoint.name]
-    return (f"cannot get {what}: {'; '.join(failures)}. Run `python -m utils.prepare_data "
-            f"--data_folder {folder}` with internet access, or put {', '.join(names)} in a folder "
-            "and add `--mirror FOLDER`")
+    command = f"python -m utils.prepare_data --data_folder {folder}"
+    if constants.HF_HUB_OFFLINE:
+        command = f"HF_HUB_OFFLINE=0 {command}"
+    return (f"cannot get {what}: {'; '.join(failures)}. Run `{command}` with network access, or "
+            f"put {', '.join(names)} in a folder and add `--mirror FOLDER`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +223,9 @@ def read_checkpoint_tensors(folder, sources=DEFAULT_SOURCES, mirror=None, policy
                             progress=True):
     """(token rows, first POSITION_ROWS position rows) of GPT-1's checkpoint as float32.
 
-    Over HTTP only the tensors' bytes are fetched (range requests, resumable); a server that
-    ignores ranges gets the whole file downloaded, checked against its sha256, read, and
-    deleted. A mirror folder's file is checked in place.
+    Read from the whole checkpoint where it is at hand (the Hub cache, a mirror folder, checked
+    against its sha256), else from the rows kept by an earlier run, else fetched by range
+    requests (see utils.download.read_safetensors_rows).
     """
     rows_by_name = {sources.token_tensor: None, sources.position_tensor: POSITION_ROWS}
     arrays = read_safetensors_rows(sources.checkpoint, folder, rows_by_name, mirror, policy,
@@ -326,7 +331,7 @@ def _fetch_tokenizer(folder, sources, mirror, policy, progress):
     """vocab.json and merges.txt in `folder` (DataUnavailableError when they cannot be had)."""
     for remote in (sources.vocab, sources.merges):
         try:
-            fetch_file(remote, folder, mirror, policy, progress)
+            fetch_into(remote, folder, mirror, policy, progress)
         except DownloadError as error:
             raise DataUnavailableError(_unavailable_message(
                 "the GPT-1 tokenizer", [str(error)], sources, folder)) from error
@@ -370,8 +375,10 @@ def _build_embeddings(folder, path, tokenizer, sources, mirror, policy, progress
 
 
 def prepare_data(data_folder="data", mirror=None, skip_embeddings=False, progress=True, *,
-                 embeddings_path=None, force=False, sources=DEFAULT_SOURCES, policy=DownloadPolicy()):
+                 embeddings_path=None, force=False, sources=None, policy=DownloadPolicy()):
     """Make the course's data in `data_folder`; files already there are kept unless `force`.
+
+    `sources` are the remote files to use (DEFAULT_SOURCES, read when called, unless given).
 
     Returns a report: {"data_folder", "wikitext": {"source", "failed_sources"} or None,
     "splits": {split: {"documents", "tokens"}}, "embeddings": {...} or None, "verify": verify()}.
@@ -379,6 +386,7 @@ def prepare_data(data_folder="data", mirror=None, skip_embeddings=False, progres
     folder that cannot be written, and ValueError for a bad `mirror`.
     """
     mirror_kind(mirror)
+    sources = sources or DEFAULT_SOURCES
     embeddings_path = embeddings_path or os.path.join(data_folder, EMBEDDINGS_FILE)
     _prepare_folder(data_folder)
     report = {"data_folder": data_folder, "wikitext": None, "splits": {}, "embeddings": None}
@@ -393,7 +401,7 @@ def prepare_data(data_folder="data", mirror=None, skip_embeddings=False, progres
 
 
 def ensure_data(data_folder, need_embeddings=False, embeddings_path=None, mirror=None, progress=True,
-                *, sources=DEFAULT_SOURCES, policy=DownloadPolicy()):
+                *, sources=None, policy=DownloadPolicy()):
     """Make sure the three npz (and the embeddings, if needed) are in `data_folder`.
 
     Does nothing when they are there; otherwise prepares what is missing. Raises
@@ -442,7 +450,7 @@ def _print_verification(result, out):
         print(line, file=out)
 
 
-def main(argv=None, *, sources=DEFAULT_SOURCES, policy=DownloadPolicy()):
+def main(argv=None, *, sources=None, policy=DownloadPolicy()):
     """Command-line entry point; returns the exit code (0 ok, 1 verification failed, 2 error)."""
     args = _parser().parse_args(argv)
     try:

@@ -17,8 +17,8 @@ Decoding reverses the table look-up only: lowercasing, accents and the spacing a
 punctuation are lost, so `decode(encode("The cat, sat."))` is "the cat , sat ." -- tokens are
 separated by single spaces, as in the course's data.
 
-`TOKENIZER_FILES` pins where the two files come from; data preparation and generation both fetch
-them from there (`utils.download.fetch_file`).
+`TOKENIZER_FILES` pins where the two files come from (a Hub repository at a commit, and their
+sha256); data preparation and generation both fetch them from there (`utils.download.fetch_into`).
 """
 import json
 import os
@@ -26,20 +26,20 @@ import os
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from utils.download import RemoteFile
+from utils.download import HubFile
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 # openai-community/openai-gpt 1e0d4f3 is the commit that added tokenizer_config.json (#6), after
 # the safetensors variant (adacbec, #3), read from the hub's pages; GPT-1's embeddings come from
 # the same revision.
-GPT1_REVISION_URL = ("https://huggingface.co/openai-community/openai-gpt/resolve/"
-                     "1e0d4f3028acbffb47fe933cea64619c5ec1a002")
+GPT1_REPO = "openai-community/openai-gpt"
+GPT1_REVISION = "1e0d4f3028acbffb47fe933cea64619c5ec1a002"
 TOKENIZER_FILES = (  # (vocab.json, merges.txt)
-    RemoteFile(VOCAB_FILE, f"{GPT1_REVISION_URL}/{VOCAB_FILE}",
-               "fdf49b19e7de236852091da09b84a7a3cd5e7b0e79916376cf45f6b8127b8078", 815973),
-    RemoteFile(MERGES_FILE, f"{GPT1_REVISION_URL}/{MERGES_FILE}",
-               "0ea9b51ae695073cd871e0358f7016311d671a7ff3963e367d5236522f294725", 458495),
+    HubFile(GPT1_REPO, VOCAB_FILE, GPT1_REVISION,
+            "fdf49b19e7de236852091da09b84a7a3cd5e7b0e79916376cf45f6b8127b8078", 815973),
+    HubFile(GPT1_REPO, MERGES_FILE, GPT1_REVISION,
+            "0ea9b51ae695073cd871e0358f7016311d671a7ff3963e367d5236522f294725", 458495),
 )
 UNK_TOKEN = "<unk>"
 END_OF_WORD = "</w>"
