@@ -316,9 +316,14 @@ class FileSystemTest(SafetyCase):
             code, _, err = run_main(*self.args("fd", "lstm", "--epochs", 3))
         line = self.one_line(code, err, 1)
         self.assertIn("No space left on device", line)
+        self.assertIn("best.pt", line)  # the file that could not be written
+        self.assertIn("the files of epoch 1 are kept", line)
         log = self.log("fd")
         self.assertEqual(log["status"], "failed")
+        self.assertEqual(len(log["epochs"]), 1)  # the log claims no epoch that last.pt lacks
         self.assertEqual(read_checkpoint(os.path.join(self.logs, "fd", "last.pt"))["epoch"], 1)
+        code, _, err = run_main(*self.args("fd", "lstm", "--epochs", 3, "--resume"))
+        self.assertEqual(code, 0, err)
 
     def test_an_id_longer_than_a_file_name(self):
         code, _, err = run_main(*self.args("x" * 300, "lstm"))
@@ -328,6 +333,7 @@ class FileSystemTest(SafetyCase):
         np.savez(os.path.join(self.data, "wiki.test.npz"), tokens=np.zeros(0, np.uint16), sizes=np.zeros(0, np.int64))
         code, _, err = run_main(*self.args("e", "lstm"))
         self.assertIn("the test split", self.one_line(code, err, 2))
+        self.assertFalse(os.path.exists(os.path.join(self.logs, "e")))  # no folder left for a run never started
 
     def test_temporaries_are_removed(self):
         self.assertEqual(run_main(*self.args("t", "lstm", "--epochs", 1))[0], 0)

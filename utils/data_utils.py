@@ -68,9 +68,11 @@ def atomic_write_bytes(path, data):
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write() names no file
+            raise OSError(error.errno, error.strerror, path) from error
         raise
 
 

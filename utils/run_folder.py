@@ -143,6 +143,14 @@ class FolderContents:
         return "a checkpoint"
 
 
+def remove_if_unused(run_dir):
+    """Delete a folder this process made for a run that never started (it holds only the lock)."""
+    with contextlib.suppress(OSError):
+        if os.listdir(run_dir) == [LOCK_NAME]:
+            os.remove(os.path.join(run_dir, LOCK_NAME))
+            os.rmdir(run_dir)
+
+
 def remove_stale_temporaries(run_dir):
     """Delete the `.tmp-*` files an interrupted atomic write left (only the owner calls this)."""
     for path in glob.glob(os.path.join(glob.escape(run_dir), ".tmp-*")):

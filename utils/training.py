@@ -32,7 +32,8 @@ from utils.language_model import perplexity
 from utils.models import count_parameters, model_for_config
 from utils.prepare_data import ensure_data
 from utils.run_folder import (FolderContents, RunLock, check_writable_folder, describe_os_error,
-                              drop_replaced, move_aside, put_back, recover, remove_stale_temporaries)
+                              drop_replaced, move_aside, put_back, recover, remove_if_unused,
+                              remove_stale_temporaries)
 from utils.torch_utils import seed_experiment, to_device, unwrap
 from utils.wikitext2 import SPLITS, Wikitext2
 
@@ -66,7 +67,9 @@ def signals_interrupt():
         raise Interrupted(signum)
 
     try:
-        previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the process was started to ignore (SIGINT of `command &`) stays ignored.
+        previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: signals cannot be caught here
         yield
         return
@@ -670,15 +673,21 @@ class Run:
                              progress=progress, description=f"epoch {epoch}/{config.epochs} valid")
         previous = state.epochs[-1]["cumulative_seconds"] if state.epochs else 0.0
         cumulative = previous + trained["seconds"] + validated["seconds"]
+        previous_best = state.best
         state.epochs.append(epoch_entry(epoch, trained, validated, cumulative=cumulative, lr=lr,
                                         processes=processes))
         improved = state.best is None or validated["loss"] < state.best["valid_loss"]
         if improved:
             state.best = {"epoch": epoch, "valid_loss": validated["loss"], "valid_ppl": validated["ppl"]}
         if self.writes_files:
-            if improved:  # complete, so that the run can continue from it too
-                state.save(self.paths["best"])
-            state.save(self.paths["last"])
+            try:
+                if improved:  # complete, so that the run can continue from it too
+                    state.save(self.paths["best"])
+                state.save(self.paths["last"])
+            except BaseException:  # the log must not claim an epoch that last.pt does not hold
+                state.epochs.pop()
+                state.best = previous_best
+                raise
         elif improved:
             self.best_weights = {key: value.detach().clone() for key, value in state.model.state_dict().items()}
         self.write_log()
@@ -718,11 +727,16 @@ def run_experiment(config, options=None):
     if not (options.write_logs and processes.main):
         return start_run(config, options, processes, run_dir)
     check_writable_folder(options.log_dir)
+    new_folder = not os.path.isdir(run_dir)
     check_writable_folder(run_dir)
-    with RunLock(run_dir):
-        recover(run_dir)
-        remove_stale_temporaries(run_dir)
-        return start_run(config, options, processes, run_dir)
+    try:
+        with RunLock(run_dir):
+            recover(run_dir)
+            remove_stale_temporaries(run_dir)
+            return start_run(config, options, processes, run_dir)
+    finally:
+        if new_folder:
+            remove_if_unused(run_dir)
 
 
 def start_run(config, options, processes, run_dir):

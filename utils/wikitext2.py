@@ -53,11 +53,14 @@ def check_declared_sizes(path):
     """
     with zipfile.ZipFile(path) as archive:
         for member in archive.namelist():
-            with archive.open(member) as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(stream)
+            try:
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(stream)
+            except (ValueError, EOFError) as error:
+                raise ValueError(f"data file {path} is not a readable .npz: {member}: {error}") from None
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
             if count > MAX_SPLIT_TOKENS:
                 raise ValueError(f"data file {path}: array {member} declares {count:,} elements of "
