@@ -4,13 +4,25 @@
 
 reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes into `--out`:
 
-    REPORT.md                   figures and tables, a caption under each
+    REPORT.md                   figures and tables, a caption under each; its findings answer
+                                the course's questions 3-8 with small tables (`findings`)
     figures/exp_ID.{png,pdf}    one run: perplexity against epochs and against wall-clock time
     figures/optimizers_lstm.*   the course's comparisons (1-4, 5-8, 2/9/10, 6/11/12, 1 vs 5)
     figures/all_runs.*          ... and every run together
     tables/results.{md,tex}     one row per run; tables/memory_speed.{md,tex}; tables/tables.tex
                                 (a LaTeX document that inputs both, to compile as-is)
+    tables/results.csv          the figures of results.md, one row per run in the same order, as
+                                plain numbers (seconds, MiB, counts; empty when missing); columns
+                                `tables.RESULT_FIELDS` (+ `REFERENCE_FIELDS` with --reference)
+    findings.json               the numbers of REPORT.md's findings (the course's questions 3-8,
+                                `findings`): {"format", "runs", "questions": [{"question", "title",
+                                "needs", "missing", "notes", "tables": [{"number", "caption",
+                                "columns": [{"key", "header"[, "note"]}], "rows": [{key: value}]}]}]}
+                                where null is a missing value, or "never"/"none" where the table
+                                says so; each row also names its run (exp, architecture, layers,
+                                optimizer, dropout)
 
+A "dropout" column follows the optimizer in every table when some run's config has dropout.
 `--reference` puts the published 2021 runs beside the user's (`published_runs.json`). A log that
 cannot be read, a run still going, a run with fewer epochs or a missing field each give one
 `warning: ...` line on stderr and the report still comes out; no log folder or no log at all is one
@@ -18,6 +30,7 @@ cannot be read, a run still going, a run with fewer epochs or a missing field ea
 """
 import argparse
 import functools
+import json
 import math
 import os
 import statistics
@@ -29,9 +42,11 @@ from utils.cli import OneLineParser
 from utils.config import EXPERIMENTS, MODELS, NO_EMBEDDINGS, OPTIMIZERS
 from utils.data_utils import EPOCH_FIELDS, read_logs
 from utils.report.figures import FORMATS, experiment_colours, plot_runs
+from utils.report.findings import answer_questions, findings_json, findings_markdown
 from utils.report.published import published_runs, reference_best, reference_curves
-from utils.report.tables import (ARCHITECTURE_NAMES, memory_speed_table, published_table,
-                                 results_table, tables_document, to_latex, to_markdown)
+from utils.report.tables import (ARCHITECTURE_NAMES, REFERENCE_FIELDS, RESULT_FIELDS,
+                                 memory_speed_table, published_table, result_records,
+                                 results_table, tables_document, to_csv, to_latex, to_markdown)
 
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "momentum": "momentum"}
 
@@ -87,13 +102,20 @@ class Run:
         return ARCHITECTURE_NAMES.get(self.model, self.model)
 
     @property
+    def dropout(self):
+        """The config's dropout probability; 0 for logs written before the field existed."""
+        return number(self.log["config"].get("dropout")) or 0.0
+
+    @property
     def description(self):
-        """"LSTM, 1 layer, Adam" (what is known of it)."""
+        """"LSTM, 1 layer, Adam" (what is known of it), with ", dropout 0.2" when it has some."""
         parts = [self.architecture or "unknown model"]
         if self.layers is not None:
             parts.append(f"{self.layers} layer" + ("s" if self.layers != 1 else ""))
         if self.optimizer is not None:
             parts.append(OPTIMIZER_NAMES.get(self.optimizer, self.optimizer))
+        if self.dropout:
+            parts.append(f"dropout {self.dropout:g}")
         return ", ".join(parts)
 
     def curve(self, x_field, y_field):
@@ -169,6 +191,8 @@ class Run:
         changed = [name for name in COMPARABLE_FIELDS if config.get(name) != expected[name]]
         if (config.get("embeddings") == NO_EMBEDDINGS) != preset.learn_embeddings:
             changed.append("embeddings")
+        if self.dropout != preset.dropout:
+            changed.append("dropout")
         return changed
 
 
@@ -342,13 +366,18 @@ def make_report(log_dirs, out, formats=("png", "pdf"), reference=False):
                                     f"{run.status}, {len(run.epochs)} epoch(s) logged)."))
 
     tables = {"results": results_table(runs, reference), "memory_speed": memory_speed_table(runs)}
+    findings = answer_questions(runs, first_table=len(tables) + 1)
     texts = {}
     for stem, table in tables.items():
         texts[f"tables/{stem}.md"] = to_markdown(table)
         texts[f"tables/{stem}.tex"] = to_latex(table, "tab:" + stem.replace("_", "-"))
     texts["tables/tables.tex"] = tables_document([f"{stem}.tex" for stem in tables])
-    texts["REPORT.md"] = report_markdown(log_dirs, runs, warnings, tables, comparisons, per_run,
-                                         reference)
+    texts["tables/results.csv"] = to_csv(result_records(runs, reference),
+                                         RESULT_FIELDS + (REFERENCE_FIELDS if reference else ()))
+    texts["findings.json"] = json.dumps(findings_json(findings, runs), indent=2,
+                                        allow_nan=False) + "\n"
+    texts["REPORT.md"] = report_markdown(log_dirs, runs, warnings, tables, findings, comparisons,
+                                         per_run, reference)
     for name, text in texts.items():
         write_text(os.path.join(out, name), text)
     files = figures.files + [os.path.join(out, name) for name in texts]
@@ -356,8 +385,9 @@ def make_report(log_dirs, out, formats=("png", "pdf"), reference=False):
             "skipped": skipped}
 
 
-def report_markdown(log_dirs, runs, warnings, tables, comparisons, per_run, reference):
-    """REPORT.md: summary, problems, results, comparisons, memory and speed, (published), runs."""
+def report_markdown(log_dirs, runs, warnings, tables, findings, comparisons, per_run, reference):
+    """REPORT.md: summary, problems, results, comparisons, memory and speed, findings, (published),
+    runs."""
     devices = sorted({str(run.metrics["device_name"]) for run in runs if run.metrics["device_name"]})
     sections = ["# Wikitext-2 language models: report\n",
                 f"{len(runs)} run(s) from {', '.join(f'`{d}`' for d in log_dirs)}: "
@@ -369,7 +399,8 @@ def report_markdown(log_dirs, runs, warnings, tables, comparisons, per_run, refe
                  "LaTeX: `tables/results.tex` (needs `\\usepackage{booktabs}`; `tables/tables.tex` "
                  "compiles on its own).\n",
                  "## Learning curves: the course's comparisons\n", *comparisons,
-                 "## Memory and speed\n", to_markdown(tables["memory_speed"])]
+                 "## Memory and speed\n", to_markdown(tables["memory_speed"]),
+                 "## Findings: the course's questions\n", *findings_markdown(findings)]
     if reference:
         published = published_runs()
         sections += ["## Published 2021 results\n", published["note"] + "\n"]
@@ -380,7 +411,8 @@ def report_markdown(log_dirs, runs, warnings, tables, comparisons, per_run, refe
                             + "; ".join(changed) + ".\n")
         for key, name in (("reference_a", "A"), ("reference_b", "B")):
             sections.append(f"Reference {name}: {published[key]['source']}\n")
-        sections.append(to_markdown(published_table()))
+        sections.append(to_markdown(published_table(
+            number=len(tables) + 1 + sum(len(finding.tables) for finding in findings))))
     sections += ["## Learning curves of each run\n", *per_run]
     return "\n".join(sections)
 

@@ -2,9 +2,14 @@
 
 A table is built once as cells and rendered twice: Markdown for REPORT.md, LaTeX with booktabs
 for a paper. A missing value is "–" in Markdown and "--" (an en dash) in LaTeX.
+
+The results are also records of plain values (`result_records`), one dict per run, that
+`to_csv` writes unformatted; the findings' tables are records too, rendered through `Column`s.
 """
+import csv
+import io
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from utils.report.published import published_runs, reference_best, reference_curves
 
@@ -31,6 +36,30 @@ class Table:
     align: str  # one LaTeX column type per column: "l" or "r"
     rows: list  # lists of Cell
     caption: str  # may use "–" for a missing value; rendered per format
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one value of a record is shown: `key` in the record, under `header`.
+
+    `text` turns a present value into its text; a missing one (None) shows as `missing` when the
+    record's `note` value is missing too, else as "–" followed by the note. `note` names another key
+    of the record whose value follows in brackets, e.g. the epoch after a perplexity.
+    """
+
+    key: str
+    header: str
+    text: Callable = str
+    align: str = "r"
+    note: Optional[str] = None
+    missing: Optional[str] = None
+
+    def cell(self, record):
+        value = record.get(self.key)
+        note = None if self.note is None else record.get(self.note)
+        if value is None:
+            return Cell(self.missing) if note is None else Cell("–", str(note))
+        return Cell(self.text(value), None if note is None else str(note))
 
 
 def latex_escape(text):
@@ -103,6 +132,14 @@ def duration(seconds):
     return f"{seconds / 3600:.2f} h"
 
 
+def integer(value):
+    return f"{value:,.0f}"
+
+
+def percent(share):
+    return f"{100 * share:.1f}%"
+
+
 def count(value):
     if value is None:
         return "–"
@@ -113,67 +150,152 @@ def count(value):
     return f"{value:.0f}"
 
 
-def _identity(run):
-    """The first four cells of every row: exp, architecture, layers, optimizer."""
-    layers = None if run.layers is None else str(run.layers)
-    return [Cell(run.label), Cell(run.architecture), Cell(layers), Cell(run.optimizer)]
+def identity_record(run):
+    """What names a run in every table: exp, architecture, layers, optimizer, dropout."""
+    return {"exp": run.label, "architecture": run.architecture, "layers": run.layers,
+            "optimizer": run.optimizer, "dropout": run.dropout}
 
 
-IDENTITY_HEADERS = ["exp", "arch.", "layers", "optimizer"]
+def shows_dropout(runs):
+    """Whether the tables have a dropout column: only when some run has dropout."""
+    return any(run.dropout for run in runs)
+
+
+def identity_columns(dropout=False):
+    """The first columns of every row; `dropout` adds the dropout probability after them."""
+    columns = [Column("exp", "exp", align="l"), Column("architecture", "arch.", align="l"),
+               Column("layers", "layers"), Column("optimizer", "optimizer", align="l")]
+    if dropout:
+        columns.append(Column("dropout", "dropout", lambda p: f"{p:g}"))
+    return columns
+
+
+def render_rows(columns, records):
+    """The cells of `records` (dicts) under `columns`, one list per record."""
+    return [[column.cell(record) for column in columns] for record in records]
+
+
+def _identity(run, dropout=False):
+    return render_rows(identity_columns(dropout), [identity_record(run)])[0]
+
+
+def _identity_headers(dropout):
+    return [column.header for column in identity_columns(dropout)]
+
+
+def _identity_align(dropout):
+    return "".join(column.align for column in identity_columns(dropout))
+
+
+def identity_caption(dropout=False):
+    return IDENTITY_CAPTION + (DROPOUT_CAPTION if dropout else "")
+
+
+IDENTITY_HEADERS = _identity_headers(False)
 IDENTITY_CAPTION = (
     "exp: experiment id (1-12: the course's presets; another name: a custom run). arch.: "
     "architecture, LSTM or GPT-1 (transformer decoder). layers: LSTM layers or transformer blocks. "
     "optimizer: adam (Adam), adamw (Adam with decoupled weight decay), sgd (plain stochastic "
     "gradient descent), momentum (SGD with momentum).")
+DROPOUT_CAPTION = " dropout: the dropout probability of the run's config (0: none)."
+
+# results.csv's columns: Table 1's figures, one value per column, in the table's order.
+RESULT_FIELDS = ("exp", "architecture", "layers", "optimizer", "dropout", "train_ppl_at_best",
+                 "best_valid_ppl", "best_epoch", "test_ppl", "seconds_per_epoch", "time_to_best",
+                 "learnable_parameters", "total_parameters", "gpu_steady_mb")
+REFERENCE_FIELDS = ("ref_a_valid_ppl", "ref_a_epoch", "ref_b_valid_ppl", "ref_a_seconds_per_epoch",
+                    "ref_a_gpu_memory_mb", "ref_b_gpu_memory_mb")
+
+
+def whole(value):
+    """A count held as a float (from `number`) as an int; None stays None."""
+    return None if value is None else int(value)
+
+
+def result_records(runs, reference=False):
+    """One dict per run (in the order given) of Table 1's figures as plain values, None if missing.
+
+    Keys: RESULT_FIELDS (+ REFERENCE_FIELDS with `reference`); seconds as seconds, memory in MiB.
+    """
+    records = []
+    for run in runs:
+        m = run.metrics
+        record = identity_record(run)
+        record.update({key: m[key] for key in (
+            "train_ppl_at_best", "best_valid_ppl", "best_epoch", "test_ppl", "seconds_per_epoch",
+            "time_to_best")})
+        record.update(learnable_parameters=whole(m["learnable_parameters"]),
+                      total_parameters=whole(m["total_parameters"]), gpu_steady_mb=m["gpu_steady_mb"])
+        if reference:
+            published = run.reference_best() or reference_best(None)
+            record.update(ref_a_valid_ppl=published["a_valid_ppl"], ref_a_epoch=published["a_epoch"],
+                          ref_b_valid_ppl=published["b_valid_ppl"],
+                          ref_a_seconds_per_epoch=published["a_seconds_per_epoch"],
+                          ref_a_gpu_memory_mb=published["a_gpu_memory_mb"],
+                          ref_b_gpu_memory_mb=published["b_gpu_memory_mb"])
+        records.append(record)
+    return records
+
+
+def to_csv(records, fields):
+    """`records` as CSV: a header of `fields`, numbers as Python writes them, empty when None."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    return text.getvalue()
 
 
 def results_table(runs, reference=False):
-    """Table 1: one row per run (in the order given), the best validation per architecture bold."""
-    metrics = [run.metrics for run in runs]
+    """Table 1: one row per run (in the order given), the best validation per architecture bold.
+
+    Its figures are `result_records(runs, reference)`, formatted.
+    """
+    records = result_records(runs, reference)
     best_rows = {}
-    for index, (run, m) in enumerate(zip(runs, metrics)):
-        if m["best_valid_ppl"] is None:
+    for index, (run, r) in enumerate(zip(runs, records)):
+        if r["best_valid_ppl"] is None:
             continue
         holder = best_rows.get(run.model)
-        if holder is None or m["best_valid_ppl"] < metrics[holder]["best_valid_ppl"]:
+        if holder is None or r["best_valid_ppl"] < records[holder]["best_valid_ppl"]:
             best_rows[run.model] = index
     bold = set(best_rows.values())
-    headers = IDENTITY_HEADERS + ["train ppl\n@ best", "best valid\nppl (epoch)", "test\nppl",
-                                  "s/epoch", "time to\nbest", "params\nlearnable / total",
-                                  "GPU MB\nsteady"]
-    align = "llrl" + "rrrrrrr"
+    dropout = shows_dropout(runs)
+    headers = _identity_headers(dropout) + [
+        "train ppl\n@ best", "best valid\nppl (epoch)", "test\nppl", "s/epoch", "time to\nbest",
+        "params\nlearnable / total", "GPU MB\nsteady"]
+    align = _identity_align(dropout) + "rrrrrrr"
     if reference:
         headers += ["ref. A valid\nppl (epoch)", "ref. B\nvalid ppl", "ref. A\ns/epoch",
                     "ref. GPU MB\nA / B"]
         align += "rrrr"
     rows = []
-    for index, (run, m) in enumerate(zip(runs, metrics)):
+    for index, (run, r) in enumerate(zip(runs, records)):
         parameters = None
-        if m["learnable_parameters"] is not None or m["total_parameters"] is not None:
-            parameters = f"{count(m['learnable_parameters'])} / {count(m['total_parameters'])}"
-        row = _identity(run) + [
-            Cell(ppl(m["train_ppl_at_best"])),
-            Cell(ppl(m["best_valid_ppl"]), None if m["best_epoch"] is None else str(m["best_epoch"]),
+        if r["learnable_parameters"] is not None or r["total_parameters"] is not None:
+            parameters = f"{count(r['learnable_parameters'])} / {count(r['total_parameters'])}"
+        row = _identity(run, dropout) + [
+            Cell(ppl(r["train_ppl_at_best"])),
+            Cell(ppl(r["best_valid_ppl"]), None if r["best_epoch"] is None else str(r["best_epoch"]),
                  bold=index in bold),
-            Cell(ppl(m["test_ppl"])),
-            Cell(fixed(m["seconds_per_epoch"])),
-            Cell(duration(m["time_to_best"])),
+            Cell(ppl(r["test_ppl"])),
+            Cell(fixed(r["seconds_per_epoch"])),
+            Cell(duration(r["time_to_best"])),
             Cell(parameters),
-            Cell(fixed(m["gpu_steady_mb"], 0)),
+            Cell(fixed(r["gpu_steady_mb"], 0)),
         ]
         if reference:
-            published = run.reference_best() or reference_best(None)
-            memory = [published["a_gpu_memory_mb"], published["b_gpu_memory_mb"]]
-            row += [Cell(ppl(published["a_valid_ppl"]),
-                         None if published["a_epoch"] is None else str(published["a_epoch"])),
-                    Cell(ppl(published["b_valid_ppl"])),
-                    Cell(fixed(published["a_seconds_per_epoch"])),
+            memory = [r["ref_a_gpu_memory_mb"], r["ref_b_gpu_memory_mb"]]
+            row += [Cell(ppl(r["ref_a_valid_ppl"]),
+                         None if r["ref_a_epoch"] is None else str(r["ref_a_epoch"])),
+                    Cell(ppl(r["ref_b_valid_ppl"])),
+                    Cell(fixed(r["ref_a_seconds_per_epoch"])),
                     Cell(None if memory == [None, None] else " / ".join(
                         "–" if v is None else f"{v:,.0f}" for v in memory))]
         rows.append(row)
     caption = (
         "Results on Wikitext-2, one row per run, sorted by architecture (LSTM, then GPT-1), then "
-        "number of layers, then optimizer (adam, adamw, sgd, momentum). " + IDENTITY_CAPTION
+        "number of layers, then optimizer (adam, adamw, sgd, momentum). " + identity_caption(dropout)
         + " ppl: perplexity, exp of the summed negative log-likelihood divided by the number of "
         "real (not padding) tokens. train ppl @ best: training perplexity of the epoch with the "
         "best validation perplexity. best valid ppl (epoch): the lowest validation perplexity and "
@@ -198,30 +320,31 @@ def results_table(runs, reference=False):
 
 def memory_speed_table(runs):
     """Table 2: memory and throughput of each run, and the device it ran on."""
-    headers = IDENTITY_HEADERS + ["device", "GPU MB\nsteady", "GPU MB\npeak alloc.",
+    dropout = shows_dropout(runs)
+    headers = _identity_headers(dropout) + ["device", "GPU MB\nsteady", "GPU MB\npeak alloc.",
                                   "GPU MB\npeak reserved", "CPU RSS\nMB", "train\ntokens/s",
                                   "valid\ntokens/s"]
     rows = []
     for run in runs:
         m = run.metrics
-        rows.append(_identity(run) + [
+        rows.append(_identity(run, dropout) + [
             Cell(m["device_name"]), Cell(fixed(m["gpu_steady_mb"], 0)),
             Cell(fixed(m["gpu_peak_allocated_mb"], 0)), Cell(fixed(m["gpu_peak_reserved_mb"], 0)),
             Cell(fixed(m["cpu_rss_mb"], 0)), Cell(fixed(m["train_tokens_per_second"], 0)),
             Cell(fixed(m["valid_tokens_per_second"], 0))])
     caption = (
-        "Memory and speed of each run, in the order of Table 1. " + IDENTITY_CAPTION
+        "Memory and speed of each run, in the order of Table 1. " + identity_caption(dropout)
         + " device: the device name the run logged. GPU MB steady: GPU memory in use in MiB (as "
         "nvidia-smi shows it), median over the epochs. GPU MB peak alloc., peak reserved: the "
         "largest memory PyTorch allocated and reserved during the run, MiB. CPU RSS MB: the "
         "largest resident memory of the process, MiB. train tokens/s, valid tokens/s: tokens "
         "processed per second in training and in validation, median over the epochs. –: not "
         "available (no GPU, or not logged).")
-    return Table(2, headers, "llrl" + "l" + "r" * 6, rows, caption)
+    return Table(2, headers, _identity_align(dropout) + "l" + "r" * 6, rows, caption)
 
 
-def published_table():
-    """Table 3: the published 2021 runs of the 12 presets, both references."""
+def published_table(number=3):
+    """Table `number`: the published 2021 runs of the 12 presets, both references."""
     headers = IDENTITY_HEADERS + ["A train ppl\n@ best", "A best valid\nppl (epoch)", "A\nepochs",
                                   "A\ns/epoch", "A GPU\nMB", "B train ppl\n@ best",
                                   "B best\nvalid ppl", "B GPU\nMB"]
@@ -242,4 +365,4 @@ def published_table():
         "perplexity (epoch counted from 1). A epochs: epochs A reported. A s/epoch: A's training "
         "seconds per epoch. GPU MB: the GPU memory each reported, MB. –: not reported. "
         "Perplexities divide by the padded token count, so they are slightly optimistic.")
-    return Table(3, headers, "llrl" + "r" * 8, rows, caption)
+    return Table(number, headers, "llrl" + "r" * 8, rows, caption)
