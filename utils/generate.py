@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
-from utils.cli import OneLineParser, UsageError, resolve_device
+from utils.cli import OneLineParser, UsageError, one_line_warnings, resolve_device
 from utils.download import DataUnavailableError, DownloadError, fetch_into
 from utils.language_model import perplexity, token_nll
 from utils.models import load_checkpoint
@@ -254,6 +254,7 @@ def run(args):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code (0 ok, 2 bad input)."""
+    one_line_warnings()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:
