@@ -26,7 +26,8 @@ from utils.prepare_data import DataUnavailableError
 from utils.run_folder import describe_os_error
 from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
                          worker_command_line)
-from utils.training import RunOptions, TrainingStopped, run_experiment, signals_interrupt
+from utils.training import (RunOptions, TrainingStopped, fetch_inputs, run_experiment,
+                            signals_interrupt)
 
 PROG = "run_exp.py"
 
@@ -110,9 +111,11 @@ def run_set(configs, args, argv):
     started = time.perf_counter()
     try:
         if args.jobs > 1:
-            outcomes = run_in_parallel([config.exp_id for config in configs],
-                                       functools.partial(worker_command_line, argv), args.log_dir,
-                                       args.jobs, options.write_logs)
+            # Once, here: K workers preparing one data folder at the same moment would collide.
+            for config in {(config.data_folder, config.embeddings): config for config in configs}.values():
+                fetch_inputs(config, options.progress_bar)
+            outcomes = run_in_parallel(configs, functools.partial(worker_command_line, argv), options,
+                                       args.jobs)
         else:
             outcomes = run_in_turn(configs, options, run_experiment, FAILURES)
     except StudyInterrupted as stopped:

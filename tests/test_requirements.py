@@ -30,7 +30,8 @@ class RequirementsTest(unittest.TestCase):
             self.assertIn("-r requirements-dev.txt", file.read())
 
     def test_torch_floor_is_a_release_with_the_apis_used(self):
-        (torch_line,) = [line for line in open(os.path.join(ROOT, "requirements.txt")) if line.startswith("torch")]
+        with open(os.path.join(ROOT, "requirements.txt")) as file:
+            (torch_line,) = [line for line in file if line.startswith("torch")]
         floor = tuple(int(part) for part in re.search(r">=(\d+)\.(\d+)", torch_line).groups())
         self.assertGreaterEqual(floor, (2, 6))  # torch.cuda.device_memory_used (NVML memory) came in 2.6
 

@@ -409,6 +409,25 @@ class ConfigTest(SafetyCase):
         log = self.log("r")
         self.assertEqual((log["config"]["epochs"], len(log["epochs"])), (2, 2))
 
+    def test_fp16_lstm_on_the_cpu_is_refused_in_one_line(self):
+        code, _, err = run_main(*self.args("h", "lstm", "--precision", "fp16"))
+        self.assertIn("oneDNN has no fp16 LSTM", self.one_line(code, err, 2))
+
+    def test_a_scheduled_run_keeps_its_length_on_resume(self):
+        args = ("--scheduler", "cosine", "--lr", "0.01")
+        self.assertEqual(run_main(*self.args("cos", "lstm", "--epochs", 2, *args))[0], 0)
+        code, _, err = run_main(*self.args("cos", "lstm", "--epochs", 4, *args, "--resume"))
+        self.assertIn("fixes the run's length, so --resume cannot change it (epochs: 2 -> 4)",
+                      self.one_line(code, err, 2))
+        self.assertEqual(run_main(*self.args("cos", "lstm", "--epochs", 2, *args, "--resume"))[0], 0)
+
+    def test_an_unexpected_error_leaves_a_failed_log(self):
+        with mock.patch.object(training.Run, "test", side_effect=RuntimeError("boom\nmore")), \
+                self.assertRaises(RuntimeError):
+            run_main(*self.args("u", "lstm", "--epochs", 1))
+        log = self.log("u")
+        self.assertEqual((log["status"], log["message"]), ("failed", "RuntimeError: boom"))
+
     def test_ids(self):
         code, _, err = run_main("--exp_id", "all,3", "--print_config")
         self.assertIn("mixes 'all' into a list", self.one_line(code, err, 2))

@@ -100,12 +100,28 @@ class ParallelTest(StudyCase):
         self.assertIn("test ppl", out)
         self.assertFalse(os.path.exists(os.path.join(self.logs, "solo", "output.txt")))
 
-    def test_finished_runs_are_skipped(self):
+    def test_finished_runs_are_skipped_unless_asked_otherwise(self):
         self.assertEqual(run_main(*self.args("f1", "lstm", "--epochs", 1))[0], 0)
         code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 1, "--jobs", 2))
         self.assertEqual(code, 0, err)
         self.assertIn("exp f1: finished already, skipped", out)
         self.assertRegex(out, r"\nf1 +skipped")
+        first = self.log("f1")["epochs"][0]["train_seconds"]
+        code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 1, "--overwrite"))
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"\nf1 +finished")
+        self.assertNotEqual(self.log("f1")["epochs"][0]["train_seconds"], first)  # run again
+        code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 1, "--lr", "0.5"))
+        self.assertEqual(code, 2, out + err)
+        self.assertRegex(out, r"\nf1 +failed .*lr: 0.001 -> 0.5")
+        code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 2))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.log("f2")["epochs"]), 2)  # more epochs: continued, not skipped
+
+    def test_ids_listed_twice_are_refused(self):
+        code, _, err = run_main(*self.args("c,c", "lstm", "--jobs", 2))
+        self.assertEqual(code, 2)
+        self.assertIn("names c more than once", err)
 
 
 class PiecesTest(unittest.TestCase):

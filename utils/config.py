@@ -139,6 +139,10 @@ def expand_exp_ids(text):
     if text != "all" and "all" in ids:
         raise ValueError(f"--exp_id {text!r} mixes 'all' into a list: use --exp_id all alone, or list "
                          "the ids, like 1,2,5")
+    canonical = [exp_id.lstrip("0") if exp_id.isdigit() else exp_id for exp_id in ids]
+    repeated = sorted({exp_id for exp_id in canonical if canonical.count(exp_id) > 1})
+    if repeated:
+        raise ValueError(f"--exp_id {text!r} names {', '.join(repeated)} more than once: list each id once")
     for exp_id in ids:
         if exp_id.isdigit() and exp_id.lstrip("0") not in EXPERIMENTS or not exp_id:
             raise ValueError(f"--exp_id {exp_id!r} is not an experiment: valid ids are 1..12, "

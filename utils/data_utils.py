@@ -50,7 +50,15 @@ class LogError(ValueError):
 
 
 def current_umask():
-    """The process's umask (reading it means setting it, so it is set back at once)."""
+    """The process's umask: from /proc where Linux gives it, else by setting it and back at once
+    (which another thread could observe)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

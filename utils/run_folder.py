@@ -61,15 +61,23 @@ class RunLock:
     def acquire(self):
         if fcntl is None:
             return self
-        file = open(self.path, "a+")
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            owner = file.read().strip() or "unknown"
-            file.close()
-            raise UsageError(f"{os.path.dirname(self.path)} is in use by process {owner} (a run of the "
-                             "same id): wait for it to end, or choose another --exp_id / --log_dir") from None
+        while True:
+            file = open(self.path, "a+")
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                owner = file.read().strip() or "unknown"
+                file.close()
+                raise UsageError(f"{os.path.dirname(self.path)} is in use by process {owner} (a run of "
+                                 "the same id): wait for it to end, or choose another --exp_id / "
+                                 "--log_dir") from None
+            try:
+                if os.fstat(file.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            file.close()  # the lock file was removed by its previous owner: lock the new one
         file.seek(0)
         file.truncate()
         file.write(str(os.getpid()))
@@ -88,21 +96,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def holder_pid(run_dir):
-    """The PID that holds the folder's lock, or None when no process holds it."""
-    path = os.path.join(run_dir, LOCK_NAME)
-    if fcntl is None or not os.path.isfile(path):
-        return None
-    with open(path, "a+") as file:
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            return file.read().strip() or "unknown"
-        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
-    return None
 
 
 class FolderContents:

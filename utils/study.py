@@ -19,9 +19,10 @@ import threading
 import time
 from typing import Optional
 
+from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
 from utils.run_folder import FolderContents, describe_os_error
-from utils.training import Interrupted
+from utils.training import Interrupted, check_same_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_EXP = os.path.join(ROOT, "run_exp.py")
@@ -40,11 +41,22 @@ class Outcome:
     log: Optional[dict] = None
 
 
-def unfinished(run_dir):
-    """`(skip, resume)` for a run folder: skip a finished run, resume one that holds anything else."""
-    contents = FolderContents(run_dir)
-    if contents.finished:
-        return True, False
+def folder_plan(config, options):
+    """`(skip, resume)` for one config of a set.
+
+    A run that finished with this configuration and its epochs is skipped; any other run the folder
+    holds is continued (and refused by the run itself, naming the difference, when its flags
+    differ); `--overwrite` starts every run again.
+    """
+    if not options.write_logs or options.overwrite:
+        return False, False
+    contents = FolderContents(os.path.join(options.log_dir, config.exp_id))
+    if contents.finished and contents.epochs_logged >= config.epochs:
+        try:
+            check_same_config(config, contents.log["config"])
+            return True, False
+        except UsageError:
+            return False, True
     return False, not contents.empty
 
 
@@ -89,8 +101,7 @@ def run_in_turn(configs, options, run_one, failures):
     """Run each config with `run_one(config, options)`; `failures` maps exceptions to exit codes."""
     outcomes = []
     for config in configs:
-        run_dir = os.path.join(options.log_dir, config.exp_id)
-        skip, resume = unfinished(run_dir) if options.write_logs else (False, False)
+        skip, resume = folder_plan(config, options)
         if skip:
             print(f"exp {config.exp_id}: finished already, skipped")
             outcomes.append(Outcome(config.exp_id, "skipped", log=read_run_log(options.log_dir, config.exp_id)))
@@ -147,7 +158,8 @@ class Worker:
         self.exp_id, self.command, self.log_dir, self.env = exp_id, command, log_dir, env
         self.process = None
         self.started = None
-        self.reported_epochs = 0
+        log = read_run_log(log_dir, exp_id)  # a resumed run's earlier epochs are not news
+        self.reported_epochs = len(log["epochs"]) if log else 0
         self.lock = threading.Lock()
         self.cancelled = False  # stopped: start no process, and signal a running one once
         self.failure = None  # why the process could not be started
@@ -166,10 +178,14 @@ class Worker:
                 self.failure = f"cannot write {path}: {describe_os_error(error)}"
                 return 2
             with output:
-                # A session of its own: Ctrl-C reaches the parent alone, which stops each worker once.
-                self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=output,
-                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True, env=self.env)
+                try:
+                    # A session of its own: Ctrl-C reaches the parent alone, which stops each worker once.
+                    self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=output,
+                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                    start_new_session=True, env=self.env)
+                except OSError as error:  # too many processes or open files, no memory
+                    self.failure = f"cannot start a worker: {describe_os_error(error)}"
+                    return 2
         print(f"exp {self.exp_id}: started (pid {self.process.pid}, output in {path})", flush=True)
         return self.process.wait()
 
@@ -225,19 +241,20 @@ def last_error_line(log_dir, exp_id, log):
         return "no output"
 
 
-def run_in_parallel(exp_ids, worker_command, log_dir, jobs, write_logs=True):
+def run_in_parallel(configs, worker_command, options, jobs):
     """Up to `jobs` workers at once; `worker_command(exp_id, resume)` is each one's command line."""
-    outcomes, workers = {}, []
+    outcomes, workers, log_dir = {}, [], options.log_dir
+    exp_ids = [config.exp_id for config in configs]
     # K processes that each take every core for their CPU work would fight over them.
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    for exp_id in exp_ids:
-        skip, resume = unfinished(os.path.join(log_dir, exp_id)) if write_logs else (False, False)
+    for config in configs:
+        skip, resume = folder_plan(config, options)
         if skip:
-            print(f"exp {exp_id}: finished already, skipped")
-            outcomes[exp_id] = Outcome(exp_id, "skipped", log=read_run_log(log_dir, exp_id))
+            print(f"exp {config.exp_id}: finished already, skipped")
+            outcomes[config.exp_id] = Outcome(config.exp_id, "skipped", log=read_run_log(log_dir, config.exp_id))
         else:
-            workers.append(Worker(exp_id, worker_command(exp_id, resume), log_dir, env))
+            workers.append(Worker(config.exp_id, worker_command(config.exp_id, resume), log_dir, env))
     interrupted = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(worker.run): worker for worker in workers}

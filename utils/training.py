@@ -393,7 +393,7 @@ def evaluate(batch_loss, data, *, processes, batch_size, limit=None, progress=Fa
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     started = time.perf_counter()
     batches = batch_indices(len(data["source"]), batch_size, processes, limit=limit)
-    module = unwrap(batch_loss)  # no gradients to synchronise: skip the DDP wrapper
+    module = unwrap(batch_loss)  # no gradients to synchronise: skip the DDP (and compile) wrapper
     for share in tqdm(shares_on_device(batches, device), desc=description,
                       disable=not (progress and processes.main), dynamic_ncols=True, leave=False):
         if len(share) == 0:
@@ -528,6 +528,12 @@ def check_same_config(config, stored):
         details = ", ".join(f"{key}: {stored[key]!r} -> {getattr(config, key)!r}" for key in changed)
         raise UsageError(f"--resume with a different configuration ({details}): "
                          "use the run's own flags, or --overwrite to start again")
+    # A schedule is laid over the run's length: past its end a cosine would climb back up.
+    lengths = [key for key in sorted(RESUMABLE_CHANGES) if key in stored and stored[key] != getattr(config, key)]
+    if stored.get("scheduler", "none") != "none" and lengths:
+        details = ", ".join(f"{key}: {stored[key]!r} -> {getattr(config, key)!r}" for key in lengths)
+        raise UsageError(f"--scheduler {stored['scheduler']} fixes the run's length, so --resume cannot "
+                         f"change it ({details}): use the run's own flags, or --overwrite")
 
 
 def resumed_config(config, payload):
@@ -541,13 +547,27 @@ def resumed_config(config, payload):
 # A whole run
 
 
+def fetch_inputs(config, progress):
+    """Prepare the data folder's missing files; the default embeddings file is fetched when missing,
+    a file named on the command line never is."""
+    try:
+        ensure_data(config.data_folder, need_embeddings=config.embeddings == DEFAULT_EMBEDDINGS,
+                    embeddings_path=config.embeddings_path, progress=progress)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def check_precision(config, device):
+    """Refuse, in one line, a precision the device cannot run for this model."""
+    if config.model == "lstm" and device.type == "cpu" and choose_precision(config, device)[0] == "fp16":
+        raise UsageError("--precision fp16 on the CPU runs MiniGPT1 only (oneDNN has no fp16 LSTM): "
+                         "use --precision bf16 or fp32")
+
+
 def load_model_and_data(config, options, processes):
     """The model of `config` and its three splits, fetching missing data first; bad input -> UsageError."""
+    fetch_inputs(config, options.progress_bar and processes.main)
     try:
-        # The default embeddings file is fetched when missing; a file named on the command line never is.
-        ensure_data(config.data_folder, need_embeddings=config.embeddings == DEFAULT_EMBEDDINGS,
-                    embeddings_path=config.embeddings_path,
-                    progress=options.progress_bar and processes.main)
         model = model_for_config(config)
         data = {}
         for split in SPLITS:
@@ -723,20 +743,21 @@ def run_experiment(config, options=None):
     """
     options = options or RunOptions()
     processes = Processes(options.device)
+    check_precision(config, processes.device)
     run_dir = os.path.join(options.log_dir, config.exp_id)
     if not (options.write_logs and processes.main):
         return start_run(config, options, processes, run_dir)
     check_writable_folder(options.log_dir)
     new_folder = not os.path.isdir(run_dir)
     check_writable_folder(run_dir)
-    try:
-        with RunLock(run_dir):
+    with RunLock(run_dir):
+        try:
             recover(run_dir)
             remove_stale_temporaries(run_dir)
             return start_run(config, options, processes, run_dir)
-    finally:
-        if new_folder:
-            remove_if_unused(run_dir)
+        finally:
+            if new_folder:  # still the owner: no other process can be using the folder
+                remove_if_unused(run_dir)
 
 
 def start_run(config, options, processes, run_dir):
@@ -761,6 +782,11 @@ def start_run(config, options, processes, run_dir):
         raise
     except OSError as error:
         raise run.file_failure(error) from None
+    except TrainingStopped:
+        raise
+    except Exception as error:  # whatever else ends the run, the log says so rather than "running"
+        run.end("failed", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        raise
     return run.log
 
 
