@@ -69,15 +69,26 @@ def make_fixture_files(folder):
         json.dump({f"token{index}": index for index in range(100)}, file)
     with open(os.path.join(folder, "blob.bin"), "wb") as file:
         file.write(bytes(range(256)) * 1024)
-    arrays = {"tokens_embed.weight": np.arange(60 * 4, dtype=np.float32).reshape(-1, 4),
-              "positions_embed.weight": -np.arange(300 * 4, dtype=np.float32).reshape(-1, 4),
+    arrays = write_tiny_checkpoint(folder, rows=60, width=4)
+    return read_folder(folder), arrays
+
+
+def write_tiny_checkpoint(folder, rows, width):
+    """A GPT-1-like `model.safetensors`: the two embedding tensors and one never asked for."""
+    arrays = {"tokens_embed.weight": np.arange(rows * width, dtype=np.float32).reshape(-1, width),
+              "positions_embed.weight": -np.arange(300 * width, dtype=np.float32).reshape(-1, width),
               "h.0.mlp.c_fc.weight": np.ones((3, 5), dtype=np.float32)}
     save_file(arrays, os.path.join(folder, "model.safetensors"))
+    return arrays
+
+
+def read_folder(folder):
+    """Every file of `folder`: name -> bytes."""
     files = {}
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), "rb") as file:
             files[name] = file.read()
-    return files, arrays
+    return files
 
 
 @contextlib.contextmanager
@@ -226,7 +237,32 @@ def cache_files(home):
                   if not folder.startswith(os.path.join(root, ".locks")) and name != "CACHEDIR.TAG")
 
 
-class ServerCase(unittest.TestCase):
+class HubClientMixin:
+    """The class's fixture server (`cls.server`, closed after the class) and, per test, a work
+    folder (`self.work`) and huggingface_hub pointed at the server with an empty cache in
+    `self.home`; `hub()` points it elsewhere for the rest of the test."""
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+        cls.fixture_dir.cleanup()
+
+    def setUp(self):
+        self.work = tempfile.TemporaryDirectory()
+        self.home = os.path.join(self.work.name, "hf_home")
+        self.server.clear()
+        self.hub(self.server.base)
+
+    def tearDown(self):
+        self.work.cleanup()
+
+    def hub(self, endpoint, offline=False):
+        context = hub_client(endpoint, self.home, offline)
+        context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+
+
+class ServerCase(HubClientMixin, unittest.TestCase):
     """The fixture files on disk and on a loopback server, huggingface_hub pointed at it with an
     empty cache, and an empty download folder per test."""
 
@@ -236,27 +272,11 @@ class ServerCase(unittest.TestCase):
         cls.files, cls.arrays = make_fixture_files(cls.fixture_dir.name)
         cls.server = FixtureServer(cls.files)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        cls.fixture_dir.cleanup()
-
     def setUp(self):
-        self.work = tempfile.TemporaryDirectory()
+        super().setUp()
         self.folder = os.path.join(self.work.name, "downloads")
-        self.home = os.path.join(self.work.name, "hf_home")
         os.makedirs(self.folder)
-        self.server.clear()
-        self.hub(self.server.base)
 
-    def tearDown(self):
-        self.work.cleanup()
-
-    def hub(self, endpoint, offline=False):
-        """Point huggingface_hub at `endpoint` (and offline mode) for the rest of the test."""
-        context = hub_client(endpoint, self.home, offline)
-        context.__enter__()
-        self.addCleanup(context.__exit__, None, None, None)
 
     def remote(self, name, mode):
         """`name` at a plain URL, pinned to its fixture bytes, served in `mode`."""

@@ -24,10 +24,9 @@ import zipfile
 from unittest import mock
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from tests.test_download import (FAST, REVISION, UNREACHABLE, FixtureServer, cache_files,
-                                 hub_client, sha256)
+from tests.test_download import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin,
+                                 cache_files, read_folder, sha256, write_tiny_checkpoint)
 from tests.test_tokenization import write_tiny_tokenizer
 from utils import prepare_data as pd
 from utils.cli import shared_data_path
@@ -55,15 +54,8 @@ def make_fixture_files(folder):
             archive.writestr(member, RAW_TEXT[split])
     with open(os.path.join(folder, "wikitext-2-raw-v1.zip"), "wb") as file:
         file.write(buffer.getvalue())
-    arrays = {"tokens_embed.weight": np.arange(len(vocab) * WIDTH, dtype=np.float32).reshape(-1, WIDTH),
-              "positions_embed.weight": -np.arange(300 * WIDTH, dtype=np.float32).reshape(-1, WIDTH),
-              "h.0.mlp.c_fc.weight": np.ones((3, 5), dtype=np.float32)}
-    save_file(arrays, os.path.join(folder, "model.safetensors"))
-    files = {}
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as file:
-            files[name] = file.read()
-    return files, arrays, vocab
+    arrays = write_tiny_checkpoint(folder, rows=len(vocab), width=WIDTH)
+    return read_folder(folder), arrays, vocab
 
 
 def fixture_sources(files, modes=None):
@@ -96,7 +88,7 @@ def unreachable_default_sources():
     return dataclasses.replace(pd.DEFAULT_SOURCES, wikitext=wikitext)
 
 
-class LoopbackCase(unittest.TestCase):
+class LoopbackCase(HubClientMixin, unittest.TestCase):
     """Fixture files on disk and on a loopback server, and a fresh data folder per test."""
 
     @classmethod
@@ -106,26 +98,9 @@ class LoopbackCase(unittest.TestCase):
         cls.server = FixtureServer(cls.files)
         cls.tokenizer = GPT1Tokenizer.from_folder(cls.fixture_dir.name)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        cls.fixture_dir.cleanup()
-
     def setUp(self):
-        self.work = tempfile.TemporaryDirectory()
+        super().setUp()
         self.data = os.path.join(self.work.name, "data")
-        self.home = os.path.join(self.work.name, "hf_home")
-        self.server.clear()
-        self.hub(self.server.base)
-
-    def tearDown(self):
-        self.work.cleanup()
-
-    def hub(self, endpoint, offline=False):
-        """Point huggingface_hub at `endpoint` (and offline mode) for the rest of the test."""
-        context = hub_client(endpoint, self.home, offline)
-        context.__enter__()
-        self.addCleanup(context.__exit__, None, None, None)
 
     def sources(self, modes=None):
         """Fixture sources on the loopback Hub; `modes`: file name -> server mode."""
