@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import zipfile
@@ -21,7 +22,7 @@ from unittest import mock
 import numpy as np
 
 from tests.test_run_exp import ROOT, TinyRunCase, make_tiny_data, run_main, subprocess_env
-from utils import checkpoint, training
+from utils import checkpoint, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
 from utils.data_utils import read_log
 from utils.wikitext2 import read_split
@@ -124,7 +125,7 @@ class OneOwnerTest(SafetyCase):
         self.assertEqual(codes, [0, 2], results)
         loser = next(err for code, _, err in results if code == 2)
         self.assertEqual(len(loser.strip().splitlines()), 1, loser)
-        self.assertRegex(loser, r"is in use by process \d+|already holds a run")
+        self.assertRegex(loser, r"is in use by process \d+ |already holds a run")
         winner = next(out for code, out, _ in results if code == 0)
         log = self.log("same")
         self.assertEqual(log["status"], "finished")
@@ -139,6 +140,23 @@ class OneOwnerTest(SafetyCase):
         wait_for(lambda: os.path.isfile(os.path.join(self.logs, "busy", "log.json")))
         code, _, err = run_main(*self.args("busy", "lstm", "--resume"))
         self.assertIn(f"in use by process {first.pid}", self.one_line(code, err, 2))
+
+
+class LockOwnerTest(unittest.TestCase):
+    """The owner writes its PID just after taking the lock; a reader in between must wait for it."""
+
+    def test_a_pid_written_a_moment_late_is_named(self):
+        with tempfile.TemporaryFile("w+") as file:
+            writer = threading.Timer(0.2, lambda: (file.write("4321"), file.flush()))
+            writer.start()
+            try:
+                self.assertEqual(run_folder.read_owner(file, wait_s=5), "process 4321")
+            finally:
+                writer.join()
+
+    def test_no_pid_at_all_names_another_process(self):
+        with tempfile.TemporaryFile("w+") as file:
+            self.assertEqual(run_folder.read_owner(file, wait_s=0.05), "another process")
 
 
 class VerifiedCheckpointTest(SafetyCase):

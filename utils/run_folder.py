@@ -15,6 +15,7 @@ import errno
 import glob
 import os
 import shutil
+import time
 
 from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
@@ -51,6 +52,18 @@ def describe_os_error(error):
     return error.strerror or type(error).__name__
 
 
+def read_owner(file, wait_s=2.0):
+    """'process PID' from a held lock file. The owner writes its PID just after taking the lock,
+    so a reader that comes in between waits a moment rather than naming no one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        file.seek(0)
+        owner = file.read().strip()
+        if owner or time.monotonic() >= deadline:
+            return f"process {owner}" if owner else "another process"
+        time.sleep(0.02)
+
+
 class RunLock:
     """The OS lock on a run folder; `acquire` raises UsageError naming the PID of the owner."""
 
@@ -66,10 +79,9 @@ class RunLock:
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                file.seek(0)
-                owner = file.read().strip() or "unknown"
+                owner = read_owner(file)
                 file.close()
-                raise UsageError(f"{os.path.dirname(self.path)} is in use by process {owner} (a run of "
+                raise UsageError(f"{os.path.dirname(self.path)} is in use by {owner} (a run of "
                                  "the same id): wait for it to end, or choose another --exp_id / "
                                  "--log_dir") from None
             try:
