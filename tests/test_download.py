@@ -46,7 +46,9 @@ from safetensors.numpy import save_file
 
 from utils import download as dl
 
-FAST = dl.DownloadPolicy(retries=2, backoff_s=0.01, timeout_s=2.0, chunk_bytes=64 * 1024)
+# Fast retries; a generous timeout, which only a "hang" test (with a policy of its own) reaches: a
+# loaded machine that kept the server thread waiting 2 s made an extra, retried request.
+FAST = dl.DownloadPolicy(retries=2, backoff_s=0.01, timeout_s=30.0, chunk_bytes=64 * 1024)
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 TENSOR_ROWS = {"tokens_embed.weight": None, "positions_embed.weight": 256}
 MODES = ("ok", "norange", "404", "500", "flaky", "truncated", "badsum", "drop", "hang")

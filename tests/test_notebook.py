@@ -21,6 +21,10 @@ NOTEBOOK = os.path.join(ROOT, "main.ipynb")
 REQUIRED_PARAMETERS = ("SMOKE", "EXP_ID", "EPOCHS")
 RUNNING_FLAG = "MAIN_IPYNB_RUNNING"  # set by the notebook's set-up cell
 CELL_TIMEOUT_S = 600  # a SMOKE run takes a few minutes in all; a cell stuck this long is a hang
+# nbclient waits 4 s by default for a cell's last outputs after its reply, then drops them with a
+# warning (a figure lost on a busy machine), and 60 s for the kernel to start. Both waits end as
+# soon as the kernel is there.
+IOPUB_TIMEOUT_S, STARTUP_TIMEOUT_S = 120, 300
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 
 
@@ -133,6 +137,8 @@ class SmokeRunTest(unittest.TestCase):
                 "REPORT_DIR": os.path.join(work, "report"),
             })
             client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                    iopub_timeout=IOPUB_TIMEOUT_S, raise_on_iopub_timeout=True,
+                                    startup_timeout=STARTUP_TIMEOUT_S,
                                     resources={"metadata": {"path": ROOT}})
             try:
                 client.execute()

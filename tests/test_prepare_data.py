@@ -307,8 +307,13 @@ class HubEnvironmentTest(LoopbackCase):
 
     def test_first_run_fills_the_cache_the_next_make_no_request_offline_too(self):
         # The agent registry huggingface_hub's user agent asks for (/api/agent-harnesses), once a
-        # day: served, so that the first run caches it in HF_HOME as it does the files.
+        # day: cached in HF_HOME beforehand, so that no run asks for it. (Fetched by the first run
+        # instead, a fetch slower than its 3 s timeout on a busy machine cached nothing, and the
+        # second run asked again.) Served too, for a huggingface_hub that keeps it elsewhere.
         registry = b'{"standardEnvVars": [], "harnesses": {}}'
+        os.makedirs(self.home, exist_ok=True)
+        with open(os.path.join(self.home, ".agent_harnesses.json"), "wb") as file:
+            file.write(registry)
         self.server.files = dict(self.files, **{"agent-harnesses": registry})
         self.addCleanup(setattr, self.server, "files", self.files)
         env = {"HF_ENDPOINT": self.server.base, "HF_HOME": self.home, "HF_TOKEN": "hf_fixture"}

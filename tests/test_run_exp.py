@@ -39,6 +39,16 @@ def make_tiny_data(folder, seed=0):
              position=(generator.normal(size=(POSITIONS, WIDTH)) * 0.1).astype(np.float32))
 
 
+def make_long_epoch_data(folder):
+    """Tiny splits whose training epoch is long enough (about 0.7 s on a fast idle machine, longer
+    on a busy one) for a test to signal or kill the run within its next epochs."""
+    make_tiny_data(folder)
+    generator = np.random.default_rng(1)
+    sizes = generator.integers(5, 60, size=1500)
+    tokens = (np.arange(sizes.sum()) % 29 + 1).astype(np.uint16)
+    np.savez(os.path.join(folder, "wiki.train.npz"), tokens=tokens, sizes=sizes.astype(np.int64))
+
+
 def run_main(*argv):
     """`run_exp.main(argv)` in this process: `(exit code, stdout, stderr)`."""
     out, err = io.StringIO(), io.StringIO()
@@ -328,10 +338,24 @@ def subprocess_env():
     return env
 
 
+def children_take_sigint(test):
+    """Let the child processes `test` starts be stopped by SIGINT.
+
+    A test run started in the background by a non-interactive shell (`python -m unittest &`)
+    ignores SIGINT, its children inherit that, and run_exp.py keeps an ignored SIGINT ignored, as
+    `command &` asks. A handler here (not SIG_IGN) makes exec give the children the default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        test.addCleanup(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
 class KillResumeTest(TinyRunCase):
     """A run killed with SIGKILL and resumed ends with the numbers of a run left alone."""
 
     def test_kill_nine_then_resume(self):
+        # Epochs of tiny data take some 25 ms: the run could end before this process, polling on a
+        # busy machine, sees epoch 1 and kills it. Long epochs leave it three epochs to do so.
+        make_long_epoch_data(self.data)
         args = [str(a) for a in self.args("k", "gpt1", "--epochs", 4)]
         command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *args]
         env = subprocess_env()

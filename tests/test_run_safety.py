@@ -21,7 +21,8 @@ from unittest import mock
 
 import numpy as np
 
-from tests.test_run_exp import ROOT, TinyRunCase, make_tiny_data, run_main, subprocess_env
+from tests.test_run_exp import (ROOT, TinyRunCase, children_take_sigint, make_long_epoch_data, run_main,
+                                 subprocess_env)
 from utils import checkpoint, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
 from utils.data_utils import read_log
@@ -51,15 +52,6 @@ def wait_for(predicate, timeout=120):
             pass
         time.sleep(0.02)
     raise AssertionError("timed out")
-
-
-def make_long_epoch_data(folder):
-    """Tiny splits whose training epoch is long enough (a few seconds) to be interrupted within."""
-    make_tiny_data(folder)
-    generator = np.random.default_rng(1)
-    sizes = generator.integers(5, 60, size=1500)
-    tokens = (np.arange(sizes.sum()) % 29 + 1).astype(np.uint16)
-    np.savez(os.path.join(folder, "wiki.train.npz"), tokens=tokens, sizes=sizes.astype(np.int64))
 
 
 class SafetyCase(TinyRunCase):
@@ -145,18 +137,47 @@ class OneOwnerTest(SafetyCase):
 class LockOwnerTest(unittest.TestCase):
     """The owner writes its PID just after taking the lock; a reader in between must wait for it."""
 
-    def test_a_pid_written_a_moment_late_is_named(self):
-        with tempfile.TemporaryFile("w+") as file:
-            writer = threading.Timer(0.2, lambda: (file.write("4321"), file.flush()))
+    def read_with_late_writer(self, old_content, pid):
+        def write_pid(path):  # through a file object of its own, as the owner process does
+            with open(path, "r+") as owner:
+                owner.truncate(0)
+                owner.write(str(pid))
+
+        with tempfile.NamedTemporaryFile("w+") as file:
+            file.write(old_content)
+            file.flush()
+            writer = threading.Timer(0.2, write_pid, (file.name,))
             writer.start()
-            try:
-                self.assertEqual(run_folder.read_owner(file, wait_s=5), "process 4321")
+            try:  # a generous wait: it ends as soon as the PID is there
+                return run_folder.read_owner(file, wait_s=60)
             finally:
                 writer.join()
+
+    def test_a_pid_written_a_moment_late_is_named(self):
+        self.assertEqual(self.read_with_late_writer("", os.getppid()), f"process {os.getppid()}")
+
+    def test_the_pid_of_a_dead_owner_is_not_named(self):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        self.assertEqual(self.read_with_late_writer(dead, os.getppid()), f"process {os.getppid()}")
 
     def test_no_pid_at_all_names_another_process(self):
         with tempfile.TemporaryFile("w+") as file:
             self.assertEqual(run_folder.read_owner(file, wait_s=0.05), "another process")
+
+    def test_release_empties_the_lock_file(self):
+        with tempfile.TemporaryDirectory() as folder:
+            with run_folder.RunLock(folder):
+                with open(os.path.join(folder, run_folder.LOCK_NAME)) as file:
+                    self.assertEqual(file.read(), str(os.getpid()))
+            with open(os.path.join(folder, run_folder.LOCK_NAME)) as file:
+                self.assertEqual(file.read(), "")
+
+    def test_a_folder_removed_under_the_lock_is_made_again(self):
+        with tempfile.TemporaryDirectory() as parent:
+            folder = os.path.join(parent, "gone")  # as remove_if_unused leaves it for the next process
+            with run_folder.RunLock(folder):
+                self.assertTrue(os.path.isfile(os.path.join(folder, run_folder.LOCK_NAME)))
 
 
 class VerifiedCheckpointTest(SafetyCase):
@@ -202,6 +223,23 @@ class VerifiedCheckpointTest(SafetyCase):
         self.assertEqual(len(line), 1)
         self.assertIn("holds no optimizer state", line[0])
 
+    def test_the_bytes_verified_are_the_bytes_loaded(self):
+        # A newer checkpoint put in place between the check and the load must not be loaded unverified.
+        self.assertEqual(run_main(*self.args("v", "lstm", "--epochs", 2))[0], 0)
+        last = os.path.join(self.logs, "v", "last.pt")
+        shutil.copy(last, last + ".epoch2")
+        self.assertEqual(run_main(*self.args("v", "lstm", "--epochs", 1, "--overwrite"))[0], 0)
+        verify = checkpoint.verify_open_checkpoint
+
+        def verify_then_replace(file, path):
+            verified = verify(file, path)
+            os.replace(last + ".epoch2", path)
+            return verified
+
+        with mock.patch.object(checkpoint, "verify_open_checkpoint", verify_then_replace):
+            payload = read_checkpoint(last)
+        self.assertEqual(payload["epoch"], 1)
+
 
 def _torch_bytes(payload):
     import io
@@ -216,13 +254,17 @@ def _torch_bytes(payload):
 class SignalsTest(SafetyCase):
     """SIGINT and SIGTERM end with "stopped" and 130 / 143; --resume then gives the run left alone."""
 
-    def interrupt_and_resume(self, signum, code, wait_epochs):
+    def interrupt_and_resume(self, signum, code, wait_epochs, epochs=2):
+        """Signal a run of `epochs` once `wait_epochs` are logged: the signal must arrive within its
+        remaining epochs less the 0.3 s sleep, or the run finishes first."""
         make_long_epoch_data(self.data)
+        children_take_sigint(self)
         exp_id = f"s{signum}"
-        alone = [a if a != self.logs else self.logs + "-alone" for a in self.command(exp_id, "lstm", "--epochs", 2)]
+        alone = [a if a != self.logs else self.logs + "-alone"
+                 for a in self.command(exp_id, "lstm", "--epochs", epochs)]
         self.addCleanup(shutil.rmtree, self.logs + "-alone", True)
         subprocess.run(alone, env=subprocess_env(), check=True, capture_output=True, timeout=300)
-        process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", 2), env=subprocess_env(),
+        process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", epochs), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(self.log(exp_id)["epochs"]) >= wait_epochs)
         time.sleep(0.3)
@@ -234,7 +276,7 @@ class SignalsTest(SafetyCase):
         self.assertEqual(log["status"], "stopped")
         self.assertIn("--resume", log["message"])
         self.assertEqual([name for name in os.listdir(os.path.join(self.logs, exp_id)) if ".tmp-" in name], [])
-        result = subprocess.run(self.command(exp_id, "lstm", "--epochs", 2, "--resume"), env=subprocess_env(),
+        result = subprocess.run(self.command(exp_id, "lstm", "--epochs", epochs, "--resume"), env=subprocess_env(),
                                 capture_output=True, text=True, timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr)
         resumed, reference = self.log(exp_id), read_log(os.path.join(self.logs + "-alone", exp_id, "log.json"))
@@ -244,8 +286,27 @@ class SignalsTest(SafetyCase):
         self.assertEqual(resumed["test"], reference["test"])
         return resumed
 
+    def test_a_signal_while_the_first_log_replaces_a_run_is_held_until_it_can_be_recorded(self):
+        # SIGTERM as the old run's files are dropped (after the new run's first log): without the
+        # hold, the log said "running" and `.replaced/` was left behind.
+        self.assertEqual(run_main(*self.args("h", "lstm", "--epochs", 1))[0], 0)
+        drop = training.drop_replaced
+
+        def drop_under_signal(run_dir):
+            os.kill(os.getpid(), signal.SIGTERM)
+            drop(run_dir)
+
+        with mock.patch.object(training, "drop_replaced", drop_under_signal):
+            code, _, err = run_main(*self.args("h", "lstm", "--epochs", 1, "--overwrite"))
+        self.assertEqual(code, 143, err)
+        log = self.log("h")
+        self.assertEqual((log["status"], log["epochs"]), ("stopped", []))
+        self.assertFalse(os.path.exists(os.path.join(self.logs, "h", ".replaced")))
+
     def test_sigterm_during_epoch_two(self):
-        self.interrupt_and_resume(signal.SIGTERM, 143, wait_epochs=1)
+        # Three epochs: with two, only epoch 2 less the 0.3 s sleep (some 0.35 s) was left for the
+        # signal to arrive before the run finished.
+        self.interrupt_and_resume(signal.SIGTERM, 143, wait_epochs=1, epochs=3)
 
     def test_sigint_in_the_first_epoch(self):
         self.interrupt_and_resume(signal.SIGINT, 130, wait_epochs=0)

@@ -89,28 +89,44 @@ def verify_checkpoint(path):
 
     Raises DamagedCheckpointError when the digest does not match, and OSError when unreadable.
     """
-    size = os.path.getsize(path)
     with open(path, "rb") as file:
-        if size < DIGEST_LINE_BYTES:
-            return False
-        file.seek(size - DIGEST_LINE_BYTES)
-        line = file.read()
-        if not line.startswith(DIGEST_PREFIX):
-            return False
-        expected = line[len(DIGEST_PREFIX):-1].decode("ascii", "replace")
-        digest = hashlib.sha256()
-        file.seek(0)
-        remaining = size - DIGEST_LINE_BYTES
-        while remaining:
-            block = file.read(min(remaining, 1 << 22))
-            if not block:
-                break
-            digest.update(block)
-            remaining -= len(block)
+        return verify_open_checkpoint(file, path)
+
+
+def verify_open_checkpoint(file, path):
+    """`verify_checkpoint` of an open file: the bytes verified are those the same file then loads,
+    even if a newer checkpoint replaces `path` meanwhile."""
+    size = os.fstat(file.fileno()).st_size
+    if size < DIGEST_LINE_BYTES:
+        return False
+    file.seek(size - DIGEST_LINE_BYTES)
+    line = file.read()
+    if not line.startswith(DIGEST_PREFIX):
+        return False
+    expected = line[len(DIGEST_PREFIX):-1].decode("ascii", "replace")
+    digest = hashlib.sha256()
+    file.seek(0)
+    remaining = size - DIGEST_LINE_BYTES
+    while remaining:
+        block = file.read(min(remaining, 1 << 22))
+        if not block:
+            break
+        digest.update(block)
+        remaining -= len(block)
     if digest.hexdigest() != expected:
         raise DamagedCheckpointError(f"checkpoint {path} is damaged: its bytes do not match the sha256 "
                                      "written with them")
     return True
+
+
+def load_payload(file, path, map_location):
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint {path} is not readable ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); "
+                              "it may be truncated: use the other checkpoint of the run or train again") from None
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -120,16 +136,12 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found: {path} (train one with `python run_exp.py`, "
                               "which writes LOG_DIR/EXP_ID/best.pt and last.pt)")
     try:
-        verified = verify_checkpoint(path)
+        with open(path, "rb") as file:
+            verified = verify_open_checkpoint(file, path)
+            file.seek(0)
+            payload = load_payload(file, path, map_location)
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} is not readable ({error.strerror})") from None
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError, AttributeError) as error:
-        raise CheckpointError(f"checkpoint {path} is not readable ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); "
-                              "it may be truncated: use the other checkpoint of the run or train again") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not in this package's format "
                               f"({CHECKPOINT_FORMAT})")

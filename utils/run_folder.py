@@ -53,15 +53,30 @@ def describe_os_error(error):
 
 
 def read_owner(file, wait_s=2.0):
-    """'process PID' from a held lock file. The owner writes its PID just after taking the lock,
-    so a reader that comes in between waits a moment rather than naming no one."""
+    """'process PID' from a held lock file. The owner writes its PID just after taking the lock, so
+    a reader that comes in between (and finds nothing, or the PID of a dead owner that was killed)
+    waits a moment rather than naming no one or the wrong process."""
     deadline = time.monotonic() + wait_s
     while True:
         file.seek(0)
         owner = file.read().strip()
-        if owner or time.monotonic() >= deadline:
-            return f"process {owner}" if owner else "another process"
+        if owner.isdigit() and process_exists(int(owner)):
+            return f"process {owner}"
+        if time.monotonic() >= deadline:
+            return "another process"
         time.sleep(0.02)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # a number no PID can be
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class RunLock:
@@ -75,7 +90,11 @@ class RunLock:
         if fcntl is None:
             return self
         while True:
-            file = open(self.path, "a+")
+            try:
+                file = open(self.path, "a+")
+            except FileNotFoundError:  # the folder's last owner removed it (its run never started)
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                continue
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -99,6 +118,8 @@ class RunLock:
 
     def release(self):
         if self.file is not None:
+            self.file.truncate(0)  # a process that locks it next must not be named by a later reader
+            self.file.flush()
             fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
             self.file.close()
             self.file = None

@@ -248,6 +248,9 @@ def run_in_parallel(configs, worker_command, options, jobs):
     # K processes that each take every core for their CPU work would fight over them.
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    # output.txt in the order it was printed: a block-buffered stdout put lines printed before an
+    # error after it, and the summary quotes the file's last line as the reason a run failed.
+    env["PYTHONUNBUFFERED"] = "1"
     for config in configs:
         skip, resume = folder_plan(config, options)
         if skip:
@@ -261,15 +264,19 @@ def run_in_parallel(configs, worker_command, options, jobs):
         pending = set(futures)
         while pending:
             try:
-                done, pending = concurrent.futures.wait(pending, timeout=POLL_SECONDS)
+                # A future leaves `pending` only once its outcome is recorded: a Ctrl-C in between
+                # would otherwise drop the run from the summary.
+                done, _ = concurrent.futures.wait(pending, timeout=POLL_SECONDS)
                 for worker in workers:
                     for line in worker.progress():
                         print(line, flush=True)
                 for future in done:
                     worker = futures[future]
-                    outcome = outcomes[worker.exp_id] = worker.outcome(future.result())
-                    print(f"exp {worker.exp_id}: {outcome.status}"
-                          + (f": {outcome.message}" if outcome.status == "failed" else ""), flush=True)
+                    if worker.exp_id not in outcomes:
+                        outcome = outcomes[worker.exp_id] = worker.outcome(future.result())
+                        print(f"exp {worker.exp_id}: {outcome.status}"
+                              + (f": {outcome.message}" if outcome.status == "failed" else ""), flush=True)
+                    pending.discard(future)
             except KeyboardInterrupt as interrupt:  # stop every worker once, then wait for them
                 if interrupted is None:
                     interrupted = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130

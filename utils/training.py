@@ -56,14 +56,41 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+class HeldSignals:
+    """Signals that arrived while a step that must not be cut in two (the first log and the removal
+    of the run it replaces) was under way; `raise_held` raises the first, where it can be recorded."""
+
+    active = None  # the HeldSignals being collected into, if any
+
+    def __init__(self):
+        self.signals = []
+
+    def __enter__(self):
+        self.outer, HeldSignals.active = HeldSignals.active, self
+        return self
+
+    def __exit__(self, *exc):
+        HeldSignals.active = self.outer
+        if self.outer is not None:  # nested: the outer block raises them
+            self.outer.signals.extend(self.signals)
+            self.signals = []
+
+    def raise_held(self):
+        if self.signals:
+            raise Interrupted(self.signals[0])
+
+
 @contextlib.contextmanager
 def signals_interrupt():
     """Within the block, SIGINT and SIGTERM raise `Interrupted`, so that a run can record its stop.
 
     Without it SIGTERM kills the process where it stands: the log says "running" for ever and a
-    file being written leaves its temporary behind.
+    file being written leaves its temporary behind. Within a `HeldSignals` block they are held.
     """
     def interrupt(signum, frame):
+        if HeldSignals.active is not None:
+            HeldSignals.active.signals.append(signum)
+            return
         raise Interrupted(signum)
 
     try:
@@ -746,6 +773,8 @@ def run_experiment(config, options=None):
     check_precision(config, processes.device)
     run_dir = os.path.join(options.log_dir, config.exp_id)
     if not (options.write_logs and processes.main):
+        # Other torchrun ranks read the folder unlocked: safe because DDP's constructor, which every
+        # rank reaches before rank 0 writes its first log, orders them after rank 0's checks.
         return start_run(config, options, processes, run_dir)
     check_writable_folder(options.log_dir)
     new_folder = not os.path.isdir(run_dir)
@@ -772,8 +801,12 @@ def start_run(config, options, processes, run_dir):
     run = Run(config.replace(embedding_size=model.embedding_size), options, processes, model, data)
     if payload is not None:
         run.resume(payload, run_dir)
-    write_first_log(run, run_dir, replace_old and run.writes_files)
+    # A signal between the first log and the `try` below would leave that log saying "running"; one
+    # within write_first_log could put an old run back beside the new log. They wait until here.
+    with HeldSignals() as held:
+        write_first_log(run, run_dir, replace_old and run.writes_files)
     try:
+        held.raise_held()
         run.fit()
         run.test()
         run.write_log("finished")
