@@ -773,8 +773,9 @@ def run_experiment(config, options=None):
     check_precision(config, processes.device)
     run_dir = os.path.join(options.log_dir, config.exp_id)
     if not (options.write_logs and processes.main):
-        # Other torchrun ranks read the folder unlocked: safe because DDP's constructor, which every
-        # rank reaches before rank 0 writes its first log, orders them after rank 0's checks.
+        # Other torchrun ranks read the folder unlocked. They read before DDP's constructor, a
+        # collective that rank 0 passes only then and before it writes its first log, so they never
+        # see the new run half-written (rank 0's `recover` of an old overwrite is not ordered).
         return start_run(config, options, processes, run_dir)
     check_writable_folder(options.log_dir)
     new_folder = not os.path.isdir(run_dir)
