@@ -4,6 +4,7 @@ Faults: overwrite with bad input, two runs of one id, a damaged checkpoint, sign
 in epoch 1, a damaged log, a copied best.pt, file-system errors, temporaries, bad data, file modes,
 a resumed configuration, odd ids.
 """
+import contextlib
 import errno
 import hashlib
 import json
@@ -134,6 +135,12 @@ class OneOwnerTest(SafetyCase):
         self.assertIn(f"in use by process {first.pid}", self.one_line(code, err, 2))
 
 
+def dead_pid():
+    """The PID of a process that has ended."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 class LockOwnerTest(unittest.TestCase):
     """The owner writes its PID just after taking the lock; a reader in between must wait for it."""
 
@@ -154,16 +161,26 @@ class LockOwnerTest(unittest.TestCase):
                 writer.join()
 
     def test_a_pid_written_a_moment_late_is_named(self):
-        self.assertEqual(self.read_with_late_writer("", os.getppid()), f"process {os.getppid()}")
+        self.assertEqual(self.read_with_late_writer("", os.getppid()), str(os.getppid()))
 
     def test_the_pid_of_a_dead_owner_is_not_named(self):
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        self.assertEqual(self.read_with_late_writer(dead, os.getppid()), f"process {os.getppid()}")
+        self.assertEqual(self.read_with_late_writer(dead_pid(), os.getppid()), str(os.getppid()))
 
-    def test_no_pid_at_all_names_another_process(self):
+    def test_a_pid_not_running_here_is_named_after_the_wait(self):  # an owner on another machine
+        pid = dead_pid()
         with tempfile.TemporaryFile("w+") as file:
-            self.assertEqual(run_folder.read_owner(file, wait_s=0.05), "another process")
+            file.write(pid)
+            self.assertEqual(run_folder.read_owner(file, wait_s=0.05), pid)
+
+    def test_no_pid_at_all_names_no_one(self):
+        with tempfile.TemporaryFile("w+") as file:
+            self.assertIsNone(run_folder.read_owner(file, wait_s=0.05))
+
+    def test_a_lock_file_that_cannot_be_made_is_an_error_not_a_spin(self):
+        with tempfile.TemporaryDirectory() as folder:
+            os.symlink(os.path.join(folder, "missing", "lock"), os.path.join(folder, run_folder.LOCK_NAME))
+            with self.assertRaises(FileNotFoundError):
+                run_folder.RunLock(folder).acquire()
 
     def test_release_empties_the_lock_file(self):
         with tempfile.TemporaryDirectory() as folder:
@@ -176,8 +193,9 @@ class LockOwnerTest(unittest.TestCase):
     def test_a_folder_removed_under_the_lock_is_made_again(self):
         with tempfile.TemporaryDirectory() as parent:
             folder = os.path.join(parent, "gone")  # as remove_if_unused leaves it for the next process
-            with run_folder.RunLock(folder):
+            with run_folder.RunLock(folder) as lock:
                 self.assertTrue(os.path.isfile(os.path.join(folder, run_folder.LOCK_NAME)))
+                self.assertTrue(lock.made_folder)
 
 
 class VerifiedCheckpointTest(SafetyCase):
@@ -287,21 +305,35 @@ class SignalsTest(SafetyCase):
         return resumed
 
     def test_a_signal_while_the_first_log_replaces_a_run_is_held_until_it_can_be_recorded(self):
-        # SIGTERM as the old run's files are dropped (after the new run's first log): without the
-        # hold, the log said "running" and `.replaced/` was left behind.
-        self.assertEqual(run_main(*self.args("h", "lstm", "--epochs", 1))[0], 0)
-        drop = training.drop_replaced
+        # A signal as the old run's files are dropped (after the new run's first log). Without the
+        # hold the log said "running", or the old checkpoints were put back beside the new log.
+        # Through run_exp.py (SIGTERM, its handlers) and as the notebook calls it (SIGINT, Python's).
+        import run_exp
 
-        def drop_under_signal(run_dir):
-            os.kill(os.getpid(), signal.SIGTERM)
-            drop(run_dir)
+        cases = (("cli", signal.SIGTERM, 143, mock.patch.object(run_exp, "signals_interrupt", run_exp.signals_interrupt)),
+                 ("notebook", signal.SIGINT, 130, mock.patch.object(run_exp, "signals_interrupt", contextlib.nullcontext)))
+        for exp_id, signum, expected, handlers in cases:
+            with self.subTest(exp_id):
+                self.assertEqual(run_main(*self.args(exp_id, "lstm", "--epochs", 1))[0], 0)
+                drop = training.drop_replaced
 
-        with mock.patch.object(training, "drop_replaced", drop_under_signal):
-            code, _, err = run_main(*self.args("h", "lstm", "--epochs", 1, "--overwrite"))
-        self.assertEqual(code, 143, err)
-        log = self.log("h")
-        self.assertEqual((log["status"], log["epochs"]), ("stopped", []))
-        self.assertFalse(os.path.exists(os.path.join(self.logs, "h", ".replaced")))
+                def drop_under_signal(run_dir):
+                    # Never SIG_DFL here: a SIGTERM would end the test runner itself.
+                    self.assertNotIn(signal.getsignal(signum), (signal.SIG_DFL, signal.SIG_IGN))
+                    os.kill(os.getpid(), signum)
+                    drop(run_dir)
+
+                previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+                try:
+                    with handlers, mock.patch.object(training, "drop_replaced", drop_under_signal):
+                        code, _, err = run_main(*self.args(exp_id, "lstm", "--epochs", 1, "--overwrite"))
+                finally:
+                    signal.signal(signal.SIGINT, previous_sigint)
+                self.assertEqual(code, expected, err)
+                log = self.log(exp_id)
+                self.assertEqual((log["status"], log["epochs"]), ("stopped", []))
+                left = os.listdir(os.path.join(self.logs, exp_id))
+                self.assertFalse({"last.pt", "best.pt", ".replaced"} & set(left), left)
 
     def test_sigterm_during_epoch_two(self):
         # Three epochs: with two, only epoch 2 less the 0.3 s sleep (some 0.35 s) was left for the

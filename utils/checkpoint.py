@@ -123,7 +123,7 @@ def load_payload(file, path, map_location):
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError, AttributeError) as error:
+            ValueError, AttributeError, KeyError, IndexError, TypeError) as error:  # damaged bytes
         raise CheckpointError(f"checkpoint {path} is not readable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); "
                               "it may be truncated: use the other checkpoint of the run or train again") from None

@@ -53,26 +53,23 @@ def describe_os_error(error):
 
 
 def read_owner(file, wait_s=2.0):
-    """'process PID' from a held lock file. The owner writes its PID just after taking the lock, so
-    a reader that comes in between (and finds nothing, or the PID of a dead owner that was killed)
-    waits a moment rather than naming no one or the wrong process."""
+    """The PID in a lock file that another process holds, or None. The owner writes its PID just
+    after taking the lock, so a reader that comes in between (and finds nothing, or the PID of an
+    owner that was killed) waits a moment for it. A PID still not running here after that is named
+    all the same: an owner on another machine sharing the folder."""
     deadline = time.monotonic() + wait_s
     while True:
         file.seek(0)
         owner = file.read().strip()
-        if owner.isdigit() and process_exists(int(owner)):
-            return f"process {owner}"
-        if time.monotonic() >= deadline:
-            return "another process"
+        if owner.isdecimal() and process_exists(int(owner)) or time.monotonic() >= deadline:
+            return owner or None
         time.sleep(0.02)
 
 
 def process_exists(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OverflowError:  # a number no PID can be
+    except (ProcessLookupError, OverflowError):  # no such process; a number no PID can be
         return False
     except PermissionError:  # another user's process
         return True
@@ -80,27 +77,40 @@ def process_exists(pid):
 
 
 class RunLock:
-    """The OS lock on a run folder; `acquire` raises UsageError naming the PID of the owner."""
+    """The OS lock on a run folder; `acquire` raises UsageError naming the PID of the owner.
+    `made_folder` says whether acquiring it had to make the folder again (see `remove_if_unused`)."""
+
+    ATTEMPTS = 3  # to lock a lock file that its owner removed or let go of as we came
 
     def __init__(self, run_dir):
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.file = None
+        self.made_folder = False
 
     def acquire(self):
         if fcntl is None:
             return self
-        while True:
+        for attempt in range(1, self.ATTEMPTS + 1):
+            last = attempt == self.ATTEMPTS
             try:
                 file = open(self.path, "a+")
-            except FileNotFoundError:  # the folder's last owner removed it (its run never started)
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            except FileNotFoundError:
+                if last or os.path.isdir(self.run_dir):
+                    raise
+                # The previous owner removed the folder, its run never started: make it again.
+                os.makedirs(self.run_dir, exist_ok=True)
+                self.made_folder = True
                 continue
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = read_owner(file)
                 file.close()
-                raise UsageError(f"{os.path.dirname(self.path)} is in use by {owner} (a run of "
+                if owner is None and not last:
+                    continue  # the owner let go as we read: try the lock again
+                raise UsageError(f"{self.run_dir} is in use by "
+                                 f"{f'process {owner}' if owner else 'another process'} (a run of "
                                  "the same id): wait for it to end, or choose another --exp_id / "
                                  "--log_dir") from None
             try:
@@ -109,6 +119,9 @@ class RunLock:
             except FileNotFoundError:
                 pass
             file.close()  # the lock file was removed by its previous owner: lock the new one
+        else:
+            raise UsageError(f"cannot lock {self.path}: it keeps being removed by another process; "
+                             "start the run again")
         file.seek(0)
         file.truncate()
         file.write(str(os.getpid()))
@@ -117,10 +130,14 @@ class RunLock:
         return self
 
     def release(self):
-        if self.file is not None:
-            self.file.truncate(0)  # a process that locks it next must not be named by a later reader
-            self.file.flush()
+        if self.file is None:
+            return
+        try:
+            with contextlib.suppress(OSError):  # a PID left behind only names us a moment longer
+                self.file.truncate(0)  # so that a later reader does not name us as the next owner
+                self.file.flush()
             fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        finally:
             self.file.close()
             self.file = None
 

@@ -56,28 +56,28 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-class HeldSignals:
-    """Signals that arrived while a step that must not be cut in two (the first log and the removal
-    of the run it replaces) was under way; `raise_held` raises the first, where it can be recorded."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    active = None  # the HeldSignals being collected into, if any
 
-    def __init__(self):
-        self.signals = []
+def replace_stop_handlers(handler):
+    """Install `handler` for SIGINT and SIGTERM; the handlers it replaced, to give back. A signal the
+    process was started to ignore (SIGINT of `command &`) stays ignored, and so does one whose
+    handler is not Python's (it could not be given back); off the main thread nothing changes."""
+    previous = {}
+    try:
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current is not signal.SIG_IGN and current is not None:
+                previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return previous
 
-    def __enter__(self):
-        self.outer, HeldSignals.active = HeldSignals.active, self
-        return self
 
-    def __exit__(self, *exc):
-        HeldSignals.active = self.outer
-        if self.outer is not None:  # nested: the outer block raises them
-            self.outer.signals.extend(self.signals)
-            self.signals = []
-
-    def raise_held(self):
-        if self.signals:
-            raise Interrupted(self.signals[0])
+def restore_handlers(previous):
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    previous.clear()
 
 
 @contextlib.contextmanager
@@ -85,26 +85,40 @@ def signals_interrupt():
     """Within the block, SIGINT and SIGTERM raise `Interrupted`, so that a run can record its stop.
 
     Without it SIGTERM kills the process where it stands: the log says "running" for ever and a
-    file being written leaves its temporary behind. Within a `HeldSignals` block they are held.
+    file being written leaves its temporary behind.
     """
     def interrupt(signum, frame):
-        if HeldSignals.active is not None:
-            HeldSignals.active.signals.append(signum)
-            return
         raise Interrupted(signum)
 
-    try:
-        # A signal the process was started to ignore (SIGINT of `command &`) stays ignored.
-        previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)
-                    if signal.getsignal(signum) is not signal.SIG_IGN}
-    except ValueError:  # not the main thread: signals cannot be caught here
-        yield
-        return
+    previous = replace_stop_handlers(interrupt)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(previous)
+
+
+class HeldSignals:
+    """Holds SIGINT and SIGTERM during a step that must not be cut in two (the first log and the
+    removal of the run it replaces). `release`, called inside the `try` that records a stop, gives
+    the handlers back and raises the first signal held; if the block fails, they are given back as
+    its error propagates. Holding until `release` (not the block's end) leaves no moment between the
+    two in which a signal could escape unrecorded."""
+
+    def __init__(self):
+        self.signals, self.previous = [], {}
+
+    def __enter__(self):
+        self.previous = replace_stop_handlers(lambda signum, frame: self.signals.append(signum))
+        return self
+
+    def __exit__(self, error_type, *rest):
+        if error_type is not None:
+            restore_handlers(self.previous)
+
+    def release(self):
+        restore_handlers(self.previous)
+        if self.signals:
+            raise Interrupted(self.signals[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,13 +794,13 @@ def run_experiment(config, options=None):
     check_writable_folder(options.log_dir)
     new_folder = not os.path.isdir(run_dir)
     check_writable_folder(run_dir)
-    with RunLock(run_dir):
+    with RunLock(run_dir) as lock:
         try:
             recover(run_dir)
             remove_stale_temporaries(run_dir)
             return start_run(config, options, processes, run_dir)
         finally:
-            if new_folder:  # still the owner: no other process can be using the folder
+            if new_folder or lock.made_folder:  # still the owner: no other process can use the folder
                 remove_if_unused(run_dir)
 
 
@@ -807,7 +821,7 @@ def start_run(config, options, processes, run_dir):
     with HeldSignals() as held:
         write_first_log(run, run_dir, replace_old and run.writes_files)
     try:
-        held.raise_held()
+        held.release()
         run.fit()
         run.test()
         run.write_log("finished")
