@@ -26,6 +26,7 @@ from tests.test_run_exp import (ROOT, TinyRunCase, children_take_sigint, make_lo
                                  subprocess_env)
 from utils import checkpoint, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
+from utils.cli import UsageError
 from utils.data_utils import read_log
 from utils.wikitext2 import read_split
 
@@ -179,7 +180,7 @@ class LockOwnerTest(unittest.TestCase):
     def test_a_lock_file_that_cannot_be_made_is_an_error_not_a_spin(self):
         with tempfile.TemporaryDirectory() as folder:
             os.symlink(os.path.join(folder, "missing", "lock"), os.path.join(folder, run_folder.LOCK_NAME))
-            with self.assertRaises(FileNotFoundError):
+            with self.assertRaisesRegex(UsageError, "cannot open the lock file .*: remove it"):
                 run_folder.RunLock(folder).acquire()
 
     def test_release_empties_the_lock_file(self):

@@ -95,9 +95,10 @@ class RunLock:
             last = attempt == self.ATTEMPTS
             try:
                 file = open(self.path, "a+")
-            except FileNotFoundError:
-                if last or os.path.isdir(self.run_dir):
-                    raise
+            except FileNotFoundError as error:
+                if last or os.path.isdir(self.run_dir):  # e.g. a .lock that links to nowhere
+                    raise UsageError(f"cannot open the lock file {self.path} ({describe_os_error(error)}): "
+                                     "remove it if no run of this id is going on, then start again") from None
                 # The previous owner removed the folder, its run never started: make it again.
                 os.makedirs(self.run_dir, exist_ok=True)
                 self.made_folder = True
