@@ -1,7 +1,8 @@
-"""What several test modules share: the tiny model sizes and the real-data locator."""
+"""What several test modules share: the tiny model sizes, a tiny data folder and the real-data locator."""
 import os
 import unittest
 
+import numpy as np
 import torch
 
 from gpt1_solution_template import MiniGPT1
@@ -42,3 +43,22 @@ def real_wikitext2_dir():
         if not os.path.isfile(os.path.join(folder, f"wiki.{split}.npz")):
             raise unittest.SkipTest(f"{folder} lacks wiki.{split}.npz")
     return folder
+
+
+def write_tiny_data(folder, vocabulary_size=50, width=16, positions=16, seed=0):
+    """Three splits of a learnable stream (each id fixes the next) and an embeddings npz."""
+    generator = np.random.default_rng(seed)
+    for split, length in (("train", 600), ("validation", 120), ("test", 120)):
+        stream = [int(generator.integers(1, vocabulary_size))]
+        while len(stream) < length:
+            stream.append((7 * stream[-1] + 3) % (vocabulary_size - 1) + 1)
+        sizes, left = [], length
+        while left:
+            sizes.append(min(left, int(generator.integers(1, 30))))
+            left -= sizes[-1]
+        np.savez(os.path.join(folder, f"wiki.{split}.npz"), tokens=np.array(stream, np.uint16),
+                 sizes=np.array(sizes, np.int64))
+    path = os.path.join(folder, "embeddings.npz")
+    np.savez(path, tokens=generator.normal(size=(vocabulary_size, width)).astype(np.float32),
+             position=generator.normal(size=(positions, width)).astype(np.float32))
+    return path

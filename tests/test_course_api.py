@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
+from tests.helpers import write_tiny_data
 from utils.data_utils import save_logs
 from utils.torch_utils import seed_experiment, to_device
 from utils.wikitext2 import Wikitext2
@@ -104,25 +105,6 @@ def course_main(args):
     logs = (train_losses, train_ppls, train_times, valid_losses, valid_ppls, valid_times,
             test_loss, test_ppl, test_time)
     return logs, step_losses
-
-
-def write_tiny_data(folder, vocabulary_size=50, width=16, positions=16, seed=0):
-    """Three splits of a learnable stream (each id fixes the next) and an embeddings npz."""
-    generator = np.random.default_rng(seed)
-    for split, length in (("train", 600), ("validation", 120), ("test", 120)):
-        stream = [int(generator.integers(1, vocabulary_size))]
-        while len(stream) < length:
-            stream.append((7 * stream[-1] + 3) % (vocabulary_size - 1) + 1)
-        sizes, left = [], length
-        while left:
-            sizes.append(min(left, int(generator.integers(1, 30))))
-            left -= sizes[-1]
-        np.savez(os.path.join(folder, f"wiki.{split}.npz"), tokens=np.array(stream, np.uint16),
-                 sizes=np.array(sizes, np.int64))
-    path = os.path.join(folder, "embeddings.npz")
-    np.savez(path, tokens=generator.normal(size=(vocabulary_size, width)).astype(np.float32),
-             position=generator.normal(size=(positions, width)).astype(np.float32))
-    return path
 
 
 class SaveLogsTest(unittest.TestCase):
