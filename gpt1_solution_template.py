@@ -113,6 +113,9 @@ class MultiHeadedAttention(nn.Module):
     `dropout` (keyword-only, default 0): in train mode, the probability of zeroing an attention
     weight (in `apply_attention`, or inside the fused kernel) and a unit of the output projection
     (the residual branch). `get_attention_weights` stays the plain softmax.
+
+    Second derivatives (a graph of the gradient): PyTorch's fused kernel has none and raises; the
+    course's path (`fused = False`) has them.
     """
 
     def __init__(self, head_size, num_heads, sequence_length, *, dropout=0.0):

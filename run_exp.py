@@ -8,7 +8,8 @@
 
 The course's command line over the library: flags -> configs (utils/config.py) -> run_experiment
 (utils/training.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
-last.pt and best.pt.
+last.pt and best.pt. `train` and `evaluate` are the course's one-pass functions (utils/course.py),
+for the course's notebook: `from run_exp import train, evaluate`.
 """
 import functools
 import json
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from utils.checkpoint import CheckpointError
 from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, positive_int
 from utils.config import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, expand_exp_ids, resolve_config
+from utils.course import evaluate, train  # noqa: F401 (the course's notebook imports them from here)
 from utils.data_utils import LogError
 from utils.prepare_data import DataUnavailableError
 from utils.run_folder import describe_os_error

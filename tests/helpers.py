@@ -9,6 +9,8 @@ from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
 from utils.cli import shared_data_path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # One tiny configuration for the value tests: vocabulary 97, width 32, 4 heads, 16 positions.
 TINY = {"vocabulary_size": 97, "embedding_size": 32, "hidden_size": 24, "num_heads": 4,
         "sequence_length": 16, "num_layers": 2}

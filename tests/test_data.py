@@ -105,6 +105,12 @@ class CourseBreakModeTest(unittest.TestCase):
     max_length + 1 tokens, overlapping by one), then for "complete" the chunks of at most
     min_length tokens dropped, consecutive survivors merged while their lengths add up to at most
     max_length + 1, each merge the stretch [first begin, first begin + summed lengths).
+
+    The course's text is followed, not its code (see `Wikitext2`'s docstring): there the last chunk
+    of a long line starts one token late and can run into the next document; here it starts on the
+    previous chunk's last token and stops at its line's end, so no target crosses a line that
+    "lines" keeps apart and none is skipped. `test_long_line_tail_merges_with_the_short_lines_after_it`
+    pins that chunk: (4, 7), from the first chunk's last token to the line's end.
     """
 
     def setUp(self):

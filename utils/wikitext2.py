@@ -130,6 +130,12 @@ class Wikitext2(Dataset):
 
     Each item: `source` LongTensor `(max_length,)`, `target` LongTensor `(max_length,)` (source
     shifted left by one), `mask` FloatTensor `(max_length,)` (1 for real targets, 0 for padding).
+
+    Where the course's text and its code disagree, the text is followed: in the course's code the
+    last chunk of a document longer than `max_length + 1` tokens starts one token late (one target
+    is never predicted) and can run past the document's end into the next document. Here every
+    chunk starts on the previous chunk's last token and ends with its document, as the course
+    describes "lines", so no example predicts across a boundary that the mode promises to keep.
     """
 
     def __init__(self, root, split="train", break_mode="none", max_length=256, min_length=1,
