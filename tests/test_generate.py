@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import read_checkpoint, save_checkpoint, write_payload
 from utils.cli import shared_data_path
 from utils.config import resolve_config
 from utils.download import DownloadError
@@ -348,6 +348,26 @@ class TestBadInput(TinyCheckpoints):
             "unsupported device": (["--checkpoint", checkpoint, "--prompt", "the", "--device", "meta"],
                                    ["--device 'meta'", "cpu, cuda or cuda:N"]),
         }
+        prompt = ["--checkpoint", checkpoint, "--prompt", "the"]
+        cases.update({
+            "a billion new tokens": (prompt + ["--max_new_tokens", "1000000000"], ["--max_new_tokens", "100,000"]),
+            "a billion samples": (prompt + ["--num_samples", "1000000000"], ["--num_samples", "1,000"]),
+            "negative new tokens": (prompt + ["--max_new_tokens", "-1"], ["--max_new_tokens"]),
+        })
+        payload = read_checkpoint(checkpoint)
+        for name, change, words in (
+                ("no config", lambda p: p.pop("config"), ["lacks its 'config'"]),
+                ("no model_size", lambda p: p.pop("model_size"), ["lacks its 'model_size'"]),
+                ("sizes of text", lambda p: p["model_size"].update(vocabulary_size="many"), ["'model_size' is not"]),
+                ("a vocabulary of 1e11", lambda p: p["model_size"].update(vocabulary_size=10 ** 11),
+                 ["does not fit", "100000000000"]),
+                ("epochs a string", lambda p: p["state"].update(epochs="abc"), ["'state' is not"]),
+                ("config of another kind", lambda p: p["config"].update(model="rnn"), ["--model='rnn'"])):
+            damaged = {key: (dict(value) if isinstance(value, dict) else value) for key, value in payload.items()}
+            change(damaged)
+            path = os.path.join(self.folder, name.replace(" ", "_") + ".pt")
+            write_payload(path, damaged)  # digest-valid: the bytes are as written
+            cases[name] = (["--checkpoint", path, "--prompt", "the"], [path] + words)
         for name, (argv, words) in cases.items():
             with self.subTest(name):
                 prefix = "python -m utils.generate: error: " if name in self.PARSER_ERRORS else "error: "

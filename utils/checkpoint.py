@@ -77,6 +77,11 @@ def save_checkpoint(path, config, model, optimizer=None, scheduler=None, epoch=0
         "state": state or {},
         "rng": rng_state(),
     }
+    write_payload(path, payload)
+
+
+def write_payload(path, payload):
+    """Atomically write a checkpoint dict to `path`, followed by the sha256 line of its bytes."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -129,6 +134,42 @@ def load_payload(file, path, map_location):
                               "it may be truncated: use the other checkpoint of the run or train again") from None
 
 
+def whole_number(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each field of the format must be; a file that a digest vouches for can still have been
+# written by other code, and a wrong type would surface far away, as a traceback.
+PAYLOAD_FIELDS = {
+    "config": (lambda value: isinstance(value, dict), "an object"),
+    "model_size": (lambda value: isinstance(value, dict) and all(
+        whole_number(value.get(key)) for key in ("vocabulary_size", "embedding_size"))
+        and (value.get("sequence_length") is None or whole_number(value["sequence_length"])),
+        "an object of whole numbers vocabulary_size, embedding_size, sequence_length"),
+    "model": (lambda value: isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()),
+              "a state_dict of tensors"),
+    "epoch": (whole_number, "a whole number"),
+    "steps": (whole_number, "a whole number"),
+    "state": (lambda value: isinstance(value, dict) and isinstance(value.get("epochs", []), list)
+              and all(isinstance(entry, dict) for entry in value.get("epochs", []))
+              and (value.get("best") is None or isinstance(value["best"], dict)),
+              "an object with a list 'epochs' of objects and 'best' an object or null"),
+    "rng": (lambda value: isinstance(value, dict) and isinstance(value.get("torch"), torch.Tensor),
+            "an object holding the 'torch' generator state"),
+}
+
+
+def check_payload(payload, path):
+    """Raise CheckpointError naming the first field of `payload` that is missing or of a wrong type."""
+    for name, (valid, expected) in PAYLOAD_FIELDS.items():
+        if name not in payload:
+            raise CheckpointError(f"checkpoint {path} lacks its '{name}': it was not written by this "
+                                  "package; use the run's other checkpoint or train again")
+        if not valid(payload[name]):
+            raise CheckpointError(f"checkpoint {path}: '{name}' is not {expected}; use the run's "
+                                  "other checkpoint or train again")
+
+
 def read_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict safely (`weights_only=True`); raises CheckpointError naming the file."""
     path = os.fspath(path)
@@ -145,6 +186,7 @@ def read_checkpoint(path, map_location="cpu"):
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not in this package's format "
                               f"({CHECKPOINT_FORMAT})")
+    check_payload(payload, path)
     if not verified:  # said only of a file that loads: a truncated one has lost its digest too
         warnings.warn(f"checkpoint {path} has no digest (written before they existed): "
                       "loaded unverified", stacklevel=2)

@@ -96,16 +96,22 @@ def resolve_device(name=None):
     return device
 
 
-def cpu_name():
-    """The processor's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+def cpuinfo_value(key):
+    """The value of the first `key : value` line of /proc/cpuinfo (Linux), or None."""
     try:
-        with open("/proc/cpuinfo") as file:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
             for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    return None
+
+
+def cpu_name():
+    """The processor's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    return cpuinfo_value("model name") or platform.processor() or "cpu"
 
 
 def environment_record(device):

@@ -47,6 +47,21 @@ from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
 from utils.wikitext2 import chunk_bounds
 
 
+# Beyond these a call is a slip of the keyboard, not a request: a billion tokens would run for days
+# with nothing printed, and a billion samples would ask for a (B, V) tensor no memory holds.
+MAX_NEW_TOKENS = 100_000
+MAX_SAMPLES = 1_000
+
+
+def check_lengths(max_new_tokens, num_samples):
+    """Raise ValueError naming the flag when a length is not a whole number in its range."""
+    for name, value, low, high in (("max_new_tokens", max_new_tokens, 0, MAX_NEW_TOKENS),
+                                   ("num_samples", num_samples, 1, MAX_SAMPLES)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"--{name}={value!r} is invalid: expected a whole number in "
+                             f"{low}..{high:,} (for more, run several times with other --seed values)")
+
+
 def check_sampling(temperature, top_k=None, top_p=None):
     """Raise ValueError naming the flag when a sampling setting is out of its range."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -100,9 +115,7 @@ def generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=40, t
     if not prompt_ids:
         raise ValueError("the prompt is empty: give a text to continue with --prompt (the models "
                          "have no start-of-text token)")
-    if max_new_tokens < 0 or num_samples < 1:
-        raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 0 and "
-                         f"--num_samples={num_samples} >= 1")
+    check_lengths(max_new_tokens, num_samples)
     device = next(model.parameters()).device
     prompt = torch.tensor(prompt_ids, device=device).expand(num_samples, -1)  # (B, T)
     log_probas, state = model.step(prompt, None)  # (B, V)
@@ -219,9 +232,9 @@ def run(args):
         if args.prompt is None or not args.prompt.strip():
             raise ValueError("the prompt is empty: give a text to continue with --prompt TEXT "
                              "(or --score TEXT_OR_FILE to score a text)")
-        if args.max_new_tokens < 1 or args.num_samples < 1:
-            raise ValueError(f"--max_new_tokens={args.max_new_tokens} and --num_samples="
-                             f"{args.num_samples} must be whole numbers >= 1")
+        check_lengths(args.max_new_tokens, args.num_samples)
+        if args.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens=0 writes nothing: expected a whole number >= 1")
     device = resolve_device(args.device)
     model, config, _ = load_checkpoint(args.checkpoint, device)
     tokenizer = load_tokenizer(args.data_folder or config.data_folder)

@@ -73,11 +73,29 @@ def count_parameters(model):
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model of a checkpoint: returns `(model, config, payload)`, model in eval mode."""
     payload = read_checkpoint(path)
-    config = ExperimentConfig.from_dict(payload["config"])
-    model = build_model(config, **payload["model_size"])
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: "
-                              f"{str(error).splitlines()[0]}") from None
+        config = ExperimentConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} holds a config this package cannot use ({error})") from None
+    check_fits(payload, config, path)
+    model = build_model(config, **payload["model_size"])
+    model.load_state_dict(payload["model"])
     return model.to(device).eval(), config, payload
+
+
+def check_fits(payload, config, path):
+    """Raise CheckpointError unless the stored weights have the shapes of the model `config` and
+    the stored sizes describe. The model is laid out on the meta device, which allocates nothing,
+    so sizes that no memory could hold are refused rather than tried."""
+    sizes = payload["model_size"]
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape)
+                    for key, value in build_model(config, **sizes).state_dict().items()}
+    stored = {key: tuple(value.shape) for key, value in payload["model"].items()}
+    if stored != expected:
+        differing = sorted(set(stored) ^ set(expected)) or sorted(
+            key for key in stored if stored[key] != expected[key])
+        key = differing[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config and sizes "
+                              f"{sizes} describe: {key} is {stored.get(key, 'missing')}, the model's "
+                              f"{expected.get(key, 'missing')}")
