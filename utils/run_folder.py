@@ -5,7 +5,8 @@
         log.json          utils/data_utils.py
         last.pt, best.pt  utils/checkpoint.py
         .replaced/        the previous run while `--overwrite` starts a new one; deleted once the
-                          new run has written its first log, put back if it never does
+                          new run has written its first log, put back if it never does; its
+                          .state says how far the replacement got (see `recover`)
 
 The lock is the operating system's: it dies with its process, so a run killed with SIGKILL leaves
 no stale lock, and a log that still says "running" while nobody holds the lock is a dead run.
@@ -18,7 +19,7 @@ import shutil
 import time
 
 from utils.cli import UsageError
-from utils.data_utils import LOG_NAME, LogError, read_log
+from utils.data_utils import LOG_NAME, LogError, atomic_write_bytes, read_log
 
 try:
     import fcntl
@@ -202,36 +203,75 @@ def remove_stale_temporaries(run_dir):
             os.remove(path)
 
 
+# Replacing a run is a transaction whose state is a file in `.replaced/`, written (atomically)
+# before the moves it announces, so that whatever interrupts it, the next owner's `recover` knows
+# which files are whose and finishes the step in progress instead of guessing from what is there.
+STATE_NAME = ".state"
+MOVING_ASIDE, ASIDE, PUTTING_BACK = "moving-aside", "aside", "putting-back"
+DROPPED_SUFFIX = ".dropped"  # `.replaced` renamed so: being deleted, nothing in it is kept
+
+
+def replaced_folder(run_dir):
+    return os.path.join(run_dir, REPLACED_NAME)
+
+
+def write_state(run_dir, state):
+    atomic_write_bytes(os.path.join(replaced_folder(run_dir), STATE_NAME), state.encode("ascii"))
+
+
+def read_state(run_dir):
+    """The transaction's state, or None for a `.replaced/` of an older version that had none."""
+    try:
+        with open(os.path.join(replaced_folder(run_dir), STATE_NAME), encoding="ascii") as file:
+            return file.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def move_aside(run_dir):
     """Move the run's files into `.replaced/` (the new run starts in an empty folder)."""
-    aside = os.path.join(run_dir, REPLACED_NAME)
-    os.makedirs(aside, exist_ok=True)
+    os.makedirs(replaced_folder(run_dir), exist_ok=True)
+    write_state(run_dir, MOVING_ASIDE)
+    move_files(run_dir, replaced_folder(run_dir))
+    write_state(run_dir, ASIDE)
+
+
+def move_files(source, destination):
+    """Move the run files that `source` holds into `destination`, replacing what is there."""
     for name in RUN_FILES:
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+        if os.path.exists(os.path.join(source, name)):
+            os.replace(os.path.join(source, name), os.path.join(destination, name))
 
 
 def put_back(run_dir):
-    """Undo `move_aside` when the new run never wrote its log."""
-    aside = os.path.join(run_dir, REPLACED_NAME)
-    if not os.path.isdir(aside):
+    """Undo `move_aside` when the new run never wrote its log: every file moved aside returns."""
+    if not os.path.isdir(replaced_folder(run_dir)):
         return
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(aside, name)) and not os.path.exists(os.path.join(run_dir, name)):
-            os.replace(os.path.join(aside, name), os.path.join(run_dir, name))
-    shutil.rmtree(aside, ignore_errors=True)
+    write_state(run_dir, PUTTING_BACK)
+    move_files(replaced_folder(run_dir), run_dir)
+    drop_replaced(run_dir)
 
 
 def drop_replaced(run_dir):
-    """Delete the old run once the new one has a log of its own."""
-    shutil.rmtree(os.path.join(run_dir, REPLACED_NAME), ignore_errors=True)
+    """Delete the old run once the new one has a log of its own: renamed first, in one step, so
+    that a deletion cut short leaves nothing that could be taken for a run to put back."""
+    aside, dropped = replaced_folder(run_dir), replaced_folder(run_dir) + DROPPED_SUFFIX
+    shutil.rmtree(dropped, ignore_errors=True)  # an earlier deletion cut short
+    if os.path.isdir(aside):
+        os.replace(aside, dropped)
+    shutil.rmtree(dropped, ignore_errors=True)
 
 
 def recover(run_dir):
-    """Settle what an interrupted `--overwrite` left: keep the new run if it has a log, else the old."""
-    if not os.path.isdir(os.path.join(run_dir, REPLACED_NAME)):
+    """Settle what an interrupted `--overwrite` left, from the state it recorded: moving aside or
+    putting back is finished as putting back (the new run had no log yet); after the move, the new
+    run is kept if it wrote its log, else the old one is put back."""
+    shutil.rmtree(replaced_folder(run_dir) + DROPPED_SUFFIX, ignore_errors=True)
+    if not os.path.isdir(replaced_folder(run_dir)):
         return
-    if os.path.isfile(os.path.join(run_dir, LOG_NAME)):
-        drop_replaced(run_dir)
-    else:
+    state = read_state(run_dir)
+    new_log = os.path.isfile(os.path.join(run_dir, LOG_NAME))
+    if state in (MOVING_ASIDE, PUTTING_BACK) or not new_log:
         put_back(run_dir)
+    else:  # ASIDE with the new run's log, or an older version's folder with a log: the new run
+        drop_replaced(run_dir)
