@@ -69,6 +69,21 @@ class SmallFileTest(unittest.TestCase):
         self.assertEqual(tensors["mask"].dtype, torch.float32)
         self.assertTrue(torch.equal(tensors["target"][2], dataset[2]["target"]))
 
+    def test_tensors_equal_the_stacked_items_in_every_mode(self):
+        generator = np.random.default_rng(1)
+        write_split(self.folder, "train", [list(generator.integers(1, 50, size=int(n)))
+                                           for n in generator.integers(1, 12, size=40)])
+        for mode in ("none", "lines", "complete"):
+            for max_length, min_length in ((1, 0), (1, 1), (3, 0), (5, 1), (7, 2)):
+                with self.subTest(mode=mode, max_length=max_length, min_length=min_length):
+                    dataset = Wikitext2(self.folder, "train", break_mode=mode, max_length=max_length,
+                                        min_length=min_length)
+                    tensors = dataset.tensors()
+                    for key in ("source", "target", "mask"):
+                        stacked = torch.stack([dataset[i][key] for i in range(len(dataset))])
+                        self.assertEqual(tensors[key].dtype, stacked.dtype, key)
+                        self.assertTrue(torch.equal(tensors[key], stacked), key)
+
     def test_bad_split_and_break_mode(self):
         with self.assertRaisesRegex(ValueError, "train, validation, test"):
             Wikitext2(self.folder, "valid")
