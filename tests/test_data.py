@@ -267,6 +267,24 @@ class EmbeddingTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "same width"):
             GPT1Embedding.load_embeddings_from(self.path)
 
+    def test_pickled_arrays_are_refused_naming_the_file_and_the_fix(self):
+        objects = np.array([{"a": 1}, None], dtype=object)
+        np.savez(self.path, tokens=objects, position=self.position)  # np.savez pickles object arrays
+        with self.assertRaises(ValueError) as caught:
+            GPT1Embedding.load_embeddings_from(self.path)
+        message = str(caught.exception)
+        self.assertIn(f"embeddings file {self.path}: array 'tokens' holds Python objects", message)
+        self.assertIn("prepare_data --force", message)
+        self.assertNotIn("allow_pickle", message)
+        write_split(self.folder, "train", [[1, 2, 3]], tokens=objects)
+        with self.assertRaises(ValueError) as caught:
+            Wikitext2(self.folder, "train")
+        message = str(caught.exception)
+        self.assertIn(f"data file {os.path.join(self.folder, 'wiki.train.npz')}: array 'tokens' holds "
+                      "Python objects", message)
+        self.assertIn(f"--data_folder {self.folder} --force", message)
+        self.assertNotIn("allow_pickle", message)
+
 
 class TorchUtilsTest(unittest.TestCase):
     def test_seed_experiment_repeats(self):

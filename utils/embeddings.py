@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.wikitext2 import read_npz_arrays
+
 
 def load_embedding_arrays(filename, keys=("tokens", "position")):
     """Read the named 2-D float arrays of an embeddings `.npz` as float32 tensors.
@@ -22,16 +24,16 @@ def load_embedding_arrays(filename, keys=("tokens", "position")):
         raise FileNotFoundError(
             f"embeddings file not found: {filename} (make it with `python -m utils.prepare_data`, "
             "or train without it with `--embeddings none`)")
-    try:
-        # An open file of our own: np.load leaks its handle when the zip cannot be read.
-        with open(filename, "rb") as file, np.load(file) as archive:
-            arrays = {key: np.asarray(archive[key], dtype=np.float32) for key in keys if key in archive.files}
-            held = sorted(archive.files)
-    except Exception as error:  # zipfile.BadZipFile, OSError, pickle refusal...
-        raise ValueError(f"embeddings file {filename} is not a readable .npz: {error}") from error
+    what = f"embeddings file {filename}"
+    remedy = "make it again with `python -m utils.prepare_data --force`, or train with `--embeddings none`"
+    arrays = read_npz_arrays(filename, keys, what, remedy)
     missing = [key for key in keys if key not in arrays]
     if missing:
-        raise ValueError(f"embeddings file {filename} lacks the array(s) {missing}; it holds {held}")
+        raise ValueError(f"{what} lacks the array(s) {missing}; {remedy}")
+    try:
+        arrays = {key: np.asarray(array, dtype=np.float32) for key, array in arrays.items()}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what} holds arrays that are not numbers ({error}); {remedy}") from None
     widths = {key: array.shape[1] if array.ndim == 2 else None for key, array in arrays.items()}
     if None in widths.values() or len(set(widths.values())) != 1:
         shapes = {key: array.shape for key, array in arrays.items()}

@@ -68,6 +68,39 @@ def check_declared_sizes(path):
                                  "the file is damaged or not a data split")
 
 
+def read_npz_arrays(path, keys, what, remedy, check_sizes=False):
+    """The arrays named `keys` that the `.npz` at `path` holds (those it lacks are left out).
+
+    `what` names the file in errors ("data file PATH"), `remedy` says how to get a good one.
+    Raises ValueError for a file that is not an npz, an array of Python objects (a pickle, never
+    loaded since unpickling runs code) and, with `check_sizes`, one declaring more elements than
+    a split holds (`check_declared_sizes`).
+    """
+    try:
+        if check_sizes:
+            check_declared_sizes(path)
+        # An open file of our own: np.load leaks its handle when the zip cannot be read.
+        with open(path, "rb") as file, np.load(file) as archive:
+            arrays = {}
+            for key in keys:
+                if key not in archive.files:
+                    continue
+                try:
+                    arrays[key] = archive[key]
+                except ValueError as error:
+                    if "allow_pickle" not in str(error):
+                        raise
+                    raise ValueError(f"{what}: array '{key}' holds Python objects (a pickle), which "
+                                     f"are never loaded; {remedy}") from None
+    except ValueError as error:
+        if str(error).startswith(what):
+            raise
+        raise ValueError(f"{what} is not a readable .npz ({error}); {remedy}") from error
+    except Exception as error:  # zipfile.BadZipFile, EOFError, OSError...
+        raise ValueError(f"{what} is not a readable .npz ({error}); {remedy}") from error
+    return arrays
+
+
 def whole_numbers(array, key, path):
     """`array` as int64, flat; a float array holding fractions is refused, never truncated."""
     array = np.asarray(array).ravel()
@@ -88,15 +121,9 @@ def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path} (make it with "
                                 f"`python -m utils.prepare_data --data_folder {root}`)")
-    try:
-        check_declared_sizes(path)
-        # An open file of our own: np.load leaks its handle when the zip cannot be read.
-        with open(path, "rb") as file, np.load(file) as archive:
-            arrays = {key: archive[key] for key in archive.files if key in ("tokens", "sizes")}
-    except ValueError:
-        raise
-    except Exception as error:  # zipfile.BadZipFile, EOFError, a pickled object...
-        raise ValueError(f"data file {path} is not a readable .npz: {error}") from error
+    arrays = read_npz_arrays(path, ("tokens", "sizes"), f"data file {path}",
+                             f"prepare the data again with `python -m utils.prepare_data --data_folder "
+                             f"{root} --force`", check_sizes=True)
     if len(arrays) != 2:
         raise ValueError(f"data file {path} must hold arrays 'tokens' and 'sizes'; "
                          f"it holds {sorted(arrays)}")
