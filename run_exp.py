@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 4 run_exp.py --exp_id 12
 
 The course's command line over the library: flags -> configs (utils/config.py) -> run_experiment
-(utils/training.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
+(utils/experiment.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
 last.pt and best.pt.
 """
 import functools
@@ -26,8 +26,8 @@ from utils.prepare_data import DataUnavailableError
 from utils.run_folder import describe_os_error
 from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
                          worker_command_line)
-from utils.training import (RunOptions, TrainingStopped, fetch_inputs, run_experiment,
-                            signals_interrupt)
+from utils.experiment import RunOptions, fetch_inputs, run_experiment, signals_interrupt
+from utils.training import TrainingStopped
 
 PROG = "run_exp.py"
 

@@ -72,8 +72,9 @@ from utils.config import resolve_config
 from utils.data_utils import atomic_write_bytes
 from utils.fast_path import BatchLoss
 from utils.models import build_model
-from utils.training import (RunOptions, choose_precision, make_grad_scaler, make_optimizer,
-                            optimizer_step, resolve_precision, run_experiment)
+from utils.experiment import RunOptions, run_experiment
+from utils.training import (choose_precision, make_grad_scaler, make_optimizer, optimizer_step,
+                            resolve_precision)
 from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 
 # The benchmark's models and the presets they come from (all trained with AdamW).

@@ -27,7 +27,13 @@ except ImportError:  # Windows: no flock; the folder is then not protected again
 
 LOCK_NAME = ".lock"
 REPLACED_NAME = ".replaced"
-RUN_FILES = (LOG_NAME, "last.pt", "best.pt")
+CHECKPOINT_NAMES = {"last": "last.pt", "best": "best.pt"}
+RUN_FILES = (LOG_NAME, *CHECKPOINT_NAMES.values())
+
+
+def checkpoint_paths(run_dir):
+    """{"last": path, "best": path}: where a run saves its checkpoints (utils/checkpoint.py)."""
+    return {kind: os.path.join(run_dir, name) for kind, name in CHECKPOINT_NAMES.items()}
 
 
 def check_writable_folder(folder, flag="--log_dir"):
@@ -161,11 +167,9 @@ class FolderContents:
                 self.log = read_log(log_path)
             except LogError as error:
                 self.log_problem = str(error)
-        self.last = self.path("last.pt") if os.path.isfile(self.path("last.pt")) else None
-        self.best = self.path("best.pt") if os.path.isfile(self.path("best.pt")) else None
-
-    def path(self, name):
-        return os.path.join(self.run_dir, name)
+        paths = checkpoint_paths(run_dir)
+        self.last = paths["last"] if os.path.isfile(paths["last"]) else None
+        self.best = paths["best"] if os.path.isfile(paths["best"]) else None
 
     @property
     def empty(self):
