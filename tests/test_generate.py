@@ -303,10 +303,7 @@ class TestRoundTrip(unittest.TestCase):
 
 
 class TestBadInput(TinyCheckpoints):
-    # Bad flags are argparse's errors, which name the program (utils.cli.OneLineParser).
-    PARSER_ERRORS = ("not a number", "no checkpoint flag")
-
-    def assert_one_line_error(self, argv, *words, prefix="error: "):
+    def assert_one_line_error(self, argv, *words, prefix="python -m utils.generate: error: "):
         code, out, err = run_main(argv)
         self.assertEqual(code, 2, f"argv {argv} gave code {code}: {err}")
         self.assertEqual(out, "")
@@ -350,8 +347,7 @@ class TestBadInput(TinyCheckpoints):
         }
         for name, (argv, words) in cases.items():
             with self.subTest(name):
-                prefix = "python -m utils.generate: error: " if name in self.PARSER_ERRORS else "error: "
-                self.assert_one_line_error(argv, *words, prefix=prefix)
+                self.assert_one_line_error(argv, *words)
 
     def test_cuda_asked_for_where_there_is_none(self):
         with mock.patch("torch.cuda.is_available", return_value=False):

@@ -341,7 +341,7 @@ class HubEnvironmentTest(LoopbackCase):
         env = {"HF_ENDPOINT": self.server.base, "HF_HOME": self.home, "HF_HUB_OFFLINE": "1"}
         code, out, err = run_in_child(["--data_folder", self.data], env)  # the real pins
         self.assertEqual(code, 2)
-        self.assertRegex(err, r"^error: cannot get the GPT-1 tokenizer: .*/vocab.json: not in the "
+        self.assertRegex(err, r"^python -m utils\.prepare_data: error: cannot get the GPT-1 tokenizer: .*/vocab.json: not in the "
                               r"Hugging Face cache \(.*\), and HF_HUB_OFFLINE is set\. Run "
                               rf"`HF_HUB_OFFLINE=0 python -m utils.prepare_data --data_folder "
                               rf"{re.escape(self.data)}` with network access, or put [^\n]*\n$")
@@ -393,7 +393,7 @@ class FailureTest(LoopbackCase):
         with contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", folder, "--quiet"], sources=self.sources(), policy=FAST)
         self.assertEqual(code, 2)
-        self.assertEqual(err.getvalue(), f"error: cannot write in data folder {folder}: not a "
+        self.assertEqual(err.getvalue(), f"python -m utils.prepare_data: error: cannot write in data folder {folder}: not a "
                                          "directory; pick another --data_folder\n")
 
 
@@ -461,7 +461,7 @@ class CommandLineTest(LoopbackCase):
         self.assertEqual(code, 2)
         url = f"{UNREACHABLE}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
         self.assertEqual(err.getvalue(), (
-            f"error: cannot get the GPT-1 tokenizer: {url}: connection refused. "
+            f"python -m utils.prepare_data: error: cannot get the GPT-1 tokenizer: {url}: connection refused. "
             f"Run `python -m utils.prepare_data --data_folder {self.data}` with network access, "
             "or put wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder "
             "and add `--mirror FOLDER`\n"))
@@ -475,7 +475,7 @@ class CommandLineTest(LoopbackCase):
         self.assertEqual(code, 2)
         url = f"{self.server.base}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
         self.assertEqual(err.getvalue(), (
-            f"error: cannot get the GPT-1 tokenizer: {url}: not in the Hugging Face cache "
+            f"python -m utils.prepare_data: error: cannot get the GPT-1 tokenizer: {url}: not in the Hugging Face cache "
             f"({self.home}/hub), and HF_HUB_OFFLINE is set. Run `HF_HUB_OFFLINE=0 python -m "
             f"utils.prepare_data --data_folder {self.data}` with network access, or put "
             "wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder and add "
@@ -487,15 +487,15 @@ class CommandLineTest(LoopbackCase):
         with contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", self.data, "--mirror", "/no/such/folder"])
         self.assertEqual(code, 2)
-        self.assertEqual(err.getvalue(), "error: --mirror '/no/such/folder' is neither an existing "
+        self.assertEqual(err.getvalue(), "python -m utils.prepare_data: error: --mirror '/no/such/folder' is neither an existing "
                                          "folder nor an http(s):// URL; give a folder holding the "
                                          "files by name, or a base URL serving them\n")
 
     def test_errors_are_one_line_without_traceback_in_a_real_process(self):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        # A bad flag is argparse's error, named by the program (utils.cli.OneLineParser).
-        for argv, prefix in ((["--mirror", "/no/such/folder"], "error: "),
-                             (["--bogus"], "python -m utils.prepare_data: error: ")):
+        # A bad value and a bad flag (argparse's error): both one line named by the program.
+        prefix = "python -m utils.prepare_data: error: "
+        for argv in (["--mirror", "/no/such/folder"], ["--bogus"]):
             with self.subTest(argv=argv):
                 result = subprocess.run([sys.executable, "-m", "utils.prepare_data", *argv],
                                         capture_output=True, text=True, timeout=60, cwd=root)

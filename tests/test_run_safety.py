@@ -410,7 +410,7 @@ class FileSystemTest(SafetyCase):
             code, _, err = run_main(*self.args("ro", "lstm", "--data_folder", "/nonexistent"))
         self.assertIn("Read-only file system", self.one_line(code, err, 2))
         full = OSError(errno.ENOSPC, "No space left on device")
-        with mock.patch("utils.data_utils.atomic_write_bytes", side_effect=full):
+        with mock.patch("utils.files.atomic_write_bytes", side_effect=full):
             code, _, err = run_main(*self.args("full", "lstm"))
         self.assertIn("No space left on device", self.one_line(code, err, 2))
 

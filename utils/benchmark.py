@@ -54,7 +54,6 @@ import ctypes
 import datetime
 import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -69,14 +68,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils.cli import (OneLineParser, UsageError, environment_record, fail, positive_int,
                        resolve_device, shared_data_path)
 from utils.config import resolve_config
-from utils.data_utils import atomic_write_bytes
+from utils.data_folder import EMBEDDINGS_FILE, SPLITS, split_path
 from utils.fast_path import BatchLoss
+from utils.files import write_json
 from utils.models import build_model
 from utils.experiment import RunOptions, run_experiment
 from utils.training import (choose_precision, make_grad_scaler, make_optimizer, optimizer_step,
                             resolve_precision)
 from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 
+PROG = "python -m utils.benchmark"
 # The benchmark's models and the presets they come from (all trained with AdamW).
 MODELS = {"lstm1": "2", "lstm2": "9", "lstm4": "10", "gpt1": "6", "gpt2": "11", "gpt4": "12"}
 PATHS = ("reference", "fast")
@@ -452,7 +453,7 @@ def _ratio(numerator, denominator):
 
 def command_line(argv=None):
     """The command as typed (for the record), from `argv` or the process's own arguments."""
-    return " ".join(["python -m utils.benchmark"] + list(sys.argv[1:] if argv is None else argv))
+    return " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
 
 
 def environment(device, command=None):
@@ -540,21 +541,6 @@ def format_table(result):
     return "\n".join([title] + notes + [""] + lines)
 
 
-def write_json(path, payload):
-    """Atomically write `payload` as JSON; a non-finite number becomes null (JSON has no NaN)."""
-    atomic_write_bytes(path, (json.dumps(_finite(payload), indent=2, allow_nan=False) + "\n").encode())
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # The GPU check: the benchmark and one epoch of configurations 2 and 6 on the real data
 
@@ -566,7 +552,7 @@ def default_data_folder():
 
 def epoch_run(exp_id, args, device):
     """One training epoch of preset `exp_id` on the real data via run_exp; its figures."""
-    pretrained = os.path.join(args.data_folder, "embeddings.npz")
+    pretrained = os.path.join(args.data_folder, EMBEDDINGS_FILE)
     embeddings = None if os.path.isfile(pretrained) else "none"
     config = resolve_config(exp_id, data_folder=args.data_folder, embeddings=embeddings, epochs=1,
                             batch_size=args.batch_size, sequence_length=args.sequence_length,
@@ -656,7 +642,7 @@ def model_list(text):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     add("--quick", action="store_true",
@@ -689,8 +675,8 @@ def main(argv=None):
         if args.gpu_check:
             args.data_folder = args.data_folder or default_data_folder()
             args.json = args.json or "gpu_check.json"
-            for split in ("train", "validation", "test"):
-                path = os.path.join(args.data_folder, f"wiki.{split}.npz")
+            for split in SPLITS:
+                path = split_path(args.data_folder, split)
                 if not os.path.isfile(path):
                     raise UsageError(f"--gpu-check needs the real data: {path} is missing (give "
                                          "--data_folder, or make it with `python -m utils.prepare_data`)")
@@ -707,7 +693,7 @@ def main(argv=None):
             say(f"wrote {args.json}")
         return 1 if result["errors"] else 0
     except UsageError as error:
-        return fail("python -m utils.benchmark", error)
+        return fail(PROG, error)
 
 
 if __name__ == "__main__":

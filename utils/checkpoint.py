@@ -24,7 +24,7 @@ import zipfile
 
 import torch
 
-from utils.data_utils import atomic_write_bytes
+from utils.files import atomic_write_bytes
 from utils.torch_utils import unwrap
 
 CHECKPOINT_FORMAT = "wikitext2-lm-checkpoint/1"

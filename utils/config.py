@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from utils.data_folder import EMBEDDINGS_FILE
+
 MODELS = ("lstm", "gpt1")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -94,7 +96,7 @@ class ExperimentConfig:
         if self.learn_embeddings:
             return None
         if self.embeddings == DEFAULT_EMBEDDINGS:
-            return os.path.join(self.data_folder, "embeddings.npz")
+            return os.path.join(self.data_folder, EMBEDDINGS_FILE)
         return self.embeddings
 
     def to_dict(self):

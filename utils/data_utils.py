@@ -35,9 +35,9 @@ newline in `{train,valid}_{loss,ppl,time}.txt` (one line per epoch), and one val
 newline in `test_{loss,ppl,time}.txt`. Each value is written as `str()` writes it.
 """
 import json
-import math
 import os
-import tempfile
+
+from utils.files import atomic_write_bytes, write_json
 
 LOG_FORMAT = "wikitext2-lm-log/1"
 LOG_NAME = "log.json"
@@ -47,56 +47,6 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "
 
 class LogError(ValueError):
     """A log file that cannot be read or does not follow the format; the message names the file."""
-
-
-def current_umask():
-    """The process's umask: from /proc where Linux gives it, else by setting it and back at once
-    (which another thread could observe)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file and a rename: a crash leaves old or new."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        if isinstance(error, OSError) and error.filename is None:  # a failed write() names no file
-            raise OSError(error.errno, error.strerror, path) from error
-        raise
-
-
-def _finite_or_none(value):
-    # JSON has no NaN/Infinity; a diverged run's figure is written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _clean(value):
-    if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(item) for item in value]
-    return _finite_or_none(value)
 
 
 def course_lists(log):
@@ -119,8 +69,7 @@ def write_log(path, log):
     """Atomically write a run's log (a dict as described above) to `path` as JSON."""
     log = dict(log, format=LOG_FORMAT)
     log.update(course_lists(log))
-    text = json.dumps(_clean(log), indent=2, sort_keys=False, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    write_json(path, log)
 
 
 def read_log(path):

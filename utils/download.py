@@ -45,8 +45,10 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from huggingface_hub.utils import build_hf_headers, get_session, httpx
 from huggingface_hub.utils import tqdm as hub_tqdm
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_safetensors
 from tqdm import tqdm
+
+from utils.files import atomic_write, atomic_write_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,13 +427,10 @@ def fetch_into(remote, folder, mirror=None, policy=DownloadPolicy(), progress=Tr
         return target
     path = fetch_file(remote, folder, mirror, policy, progress)
     if path != target:
-        part = target + ".part"
         try:
-            shutil.copyfile(path, part)
-            os.replace(part, target)
+            with open(path, "rb") as source, atomic_write(target) as copy:
+                shutil.copyfileobj(source, copy)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                os.remove(part)
             raise storage_error(error, target) from error
     return target
 
@@ -557,15 +556,10 @@ def _kept_rows(path, rows_by_name):
 
 def _keep_rows(path, arrays, rows_by_name):
     """Keep rows read by ranges at `path` for later runs (a warning if it cannot be written)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        save_file(arrays, temporary, metadata=_rows_metadata(arrays, rows_by_name))
-        os.replace(temporary, path)
+        atomic_write_bytes(path, save_safetensors(arrays, metadata=_rows_metadata(arrays, rows_by_name)))
     except OSError as error:
         _warn(f"{storage_error(error, path, 'HF_HOME')} (rows read now are not kept)")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
 
 
 def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=DownloadPolicy(),

@@ -20,6 +20,7 @@ from typing import Optional
 from utils.checkpoint import CheckpointError, DamagedCheckpointError, read_checkpoint, verify_checkpoint
 from utils.cli import UsageError, environment_record
 from utils.config import DEFAULT_EMBEDDINGS, ExperimentConfig
+from utils.data_folder import SPLITS
 from utils.data_utils import LOG_NAME, write_log
 from utils.models import count_parameters, model_for_config
 from utils.prepare_data import ensure_data
@@ -28,7 +29,7 @@ from utils.run_folder import (FolderContents, RunLock, check_writable_folder, ch
                               remove_if_unused, remove_stale_temporaries)
 from utils.torch_utils import seed_experiment
 from utils.training import Processes, Trainer, TrainingStopped, check_precision, choose_precision
-from utils.wikitext2 import SPLITS, Wikitext2
+from utils.wikitext2 import Wikitext2
 
 
 @dataclasses.dataclass

@@ -39,12 +39,14 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
-from utils.cli import OneLineParser, UsageError, one_line_warnings, resolve_device
+from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, resolve_device
 from utils.download import DataUnavailableError, DownloadError, fetch_into
 from utils.language_model import perplexity, token_nll
 from utils.models import load_checkpoint
 from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
 from utils.wikitext2 import chunk_bounds
+
+PROG = "python -m utils.generate"
 
 
 def check_sampling(temperature, top_k=None, top_p=None):
@@ -188,7 +190,7 @@ def encode_text(tokenizer, text):
 
 
 def _parser():
-    parser = OneLineParser(prog="python -m utils.generate",
+    parser = OneLineParser(prog=PROG,
                            description="Generate text with a trained checkpoint, or score a text.")
     parser.add_argument("--checkpoint", required=True, help="LOG_DIR/EXP_ID/best.pt or last.pt")
     parser.add_argument("--prompt", default=None, help="text to continue (lowercased and tokenized "
@@ -262,8 +264,7 @@ def main(argv=None):
     try:
         return run(args)
     except (CheckpointError, DataUnavailableError, FileNotFoundError, UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error, 2)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,16 @@ import zipfile
 import numpy as np
 from huggingface_hub import constants
 
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, fail
+from utils.data_folder import DATA_FILES, EMBEDDINGS_FILE, SPLITS
+from utils.files import atomic_write
 from utils.download import (DataUnavailableError, DownloadError, DownloadPolicy, HubFile,
                             RemoteFile, StorageError, discard, fetch_file, fetch_into, mirror_kind,
                             read_safetensors_rows, remote_location, report_progress, storage_error)
 from utils.tokenization import GPT1_REPO, GPT1_REVISION, TOKENIZER_FILES, GPT1Tokenizer
 
-SPLITS = ("train", "validation", "test")
-DATA_FILES = ("wiki.train.npz", "wiki.validation.npz", "wiki.test.npz")
-EMBEDDINGS_FILE = "embeddings.npz"
 SOURCES_FOLDER = "sources"
+PROG = "python -m utils.prepare_data"
 POSITION_ROWS = 256  # the course kept GPT-1's first 256 of 512 position embeddings
 
 # sha256 of the course's official `tokens` arrays (as little-endian uint16 bytes); see
@@ -250,23 +250,13 @@ def build_embeddings(token_rows, position_rows, vocabulary_size):
 # Writing and checking the arrays
 
 
-def _save_npz_atomic(path, arrays, compress):
-    """Write an npz through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    # Named by process so that two runs cannot write into one file; `open` keeps the umask's mode.
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+def _save_npz(path, arrays, compress):
+    """Write an npz through `atomic_write` (StorageError, saying what to do, when it cannot)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(temporary, "wb") as file:
+        with atomic_write(path) as file:
             (np.savez_compressed if compress else np.savez)(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
     except OSError as error:
         raise storage_error(error, path) from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def tokenize_documents(tokenizer, documents):
@@ -350,7 +340,7 @@ def _build_splits(folder, tokenizer, sources, mirror, policy, progress, report):
     for split, name in zip(SPLITS, DATA_FILES):
         start = time.perf_counter()
         arrays = tokenize_documents(tokenizer, documents[split])
-        _save_npz_atomic(os.path.join(folder, name), arrays, compress=True)
+        _save_npz(os.path.join(folder, name), arrays, compress=True)
         report["splits"][split] = {"documents": int(arrays["sizes"].size),
                                    "tokens": int(arrays["tokens"].size)}
         report_progress(progress, f"{split}: {arrays['sizes'].size:,} documents, "
@@ -367,7 +357,7 @@ def _build_embeddings(folder, path, tokenizer, sources, mirror, policy, progress
         raise DataUnavailableError(_unavailable_message(
             "the GPT-1 embeddings", [str(error)], sources, folder)) from error
     arrays = build_embeddings(token_rows, position_rows, tokenizer.vocabulary_size)
-    _save_npz_atomic(path, arrays, compress=False)
+    _save_npz(path, arrays, compress=False)
     report["embeddings"] = {"path": path, "tokens": list(arrays["tokens"].shape),
                             "position": list(arrays["position"].shape)}
     report_progress(progress, f"embeddings: tokens {arrays['tokens'].shape}, position "
@@ -425,7 +415,7 @@ def ensure_data(data_folder, need_embeddings=False, embeddings_path=None, mirror
 
 
 def _parser():
-    parser = OneLineParser(prog="python -m utils.prepare_data", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_folder", default="data", help="where to write the data")
     parser.add_argument("--mirror", default=None,
                         help="a folder holding the remote files by name, or a base URL serving them")
@@ -461,11 +451,9 @@ def main(argv=None, *, sources=None, policy=DownloadPolicy()):
         report = prepare_data(args.data_folder, args.mirror, args.skip_embeddings, not args.quiet,
                               force=args.force, sources=sources, policy=policy)
     except (DataUnavailableError, StorageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error, 2)
     except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return fail(PROG, "interrupted; run the same command again to resume", 130)
     if report["wikitext"]:
         print(f"WikiText-2 raw from {report['wikitext']['source']}")
     _print_verification(report["verify"], sys.stdout)

@@ -19,6 +19,7 @@ import time
 
 from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
+from utils.files import TEMPORARY_PREFIX
 
 try:
     import fcntl
@@ -200,8 +201,8 @@ def remove_if_unused(run_dir):
 
 
 def remove_stale_temporaries(run_dir):
-    """Delete the `.tmp-*` files an interrupted atomic write left (only the owner calls this)."""
-    for path in glob.glob(os.path.join(glob.escape(run_dir), ".tmp-*")):
+    """Delete the temporaries an interrupted `atomic_write` left (only the owner calls this)."""
+    for path in glob.glob(os.path.join(glob.escape(run_dir), TEMPORARY_PREFIX + "*")):
         with contextlib.suppress(OSError):
             os.remove(path)
 

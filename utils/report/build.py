@@ -30,7 +30,6 @@ cannot be read, a run still going, a run with fewer epochs or a missing field ea
 """
 import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -38,9 +37,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, fail
 from utils.config import EXPERIMENTS, MODELS, NO_EMBEDDINGS, OPTIMIZERS
 from utils.data_utils import EPOCH_FIELDS, read_logs
+from utils.files import json_text
 from utils.report.figures import FORMATS, experiment_colours, plot_runs
 from utils.report.findings import answer_questions, findings_json, findings_markdown
 from utils.report.published import published_runs, reference_best, reference_curves
@@ -48,6 +48,7 @@ from utils.report.tables import (ARCHITECTURE_NAMES, REFERENCE_FIELDS, RESULT_FI
                                  memory_speed_table, published_table, result_records,
                                  results_table, tables_document, to_csv, to_latex, to_markdown)
 
+PROG = "python -m utils.report"
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "momentum": "momentum"}
 
 # The course's questions: (file name, title, experiment ids).
@@ -374,8 +375,7 @@ def make_report(log_dirs, out, formats=("png", "pdf"), reference=False):
     texts["tables/tables.tex"] = tables_document([f"{stem}.tex" for stem in tables])
     texts["tables/results.csv"] = to_csv(result_records(runs, reference),
                                          RESULT_FIELDS + (REFERENCE_FIELDS if reference else ()))
-    texts["findings.json"] = json.dumps(findings_json(findings, runs), indent=2,
-                                        allow_nan=False) + "\n"
+    texts["findings.json"] = json_text(findings_json(findings, runs))
     texts["REPORT.md"] = report_markdown(log_dirs, runs, warnings, tables, findings, comparisons,
                                          per_run, reference)
     for name, text in texts.items():
@@ -431,7 +431,7 @@ def parse_formats(text):
 
 def main(argv=None):
     parser = OneLineParser(
-        prog="python -m utils.report",
+        prog=PROG,
         description="Turn run logs (LOG_DIR/EXP_ID/log.json) into figures, tables and REPORT.md.")
     # The formatter adds "(default: ...)" to flags only, so the positional says its own.
     parser.add_argument("log_dirs", nargs="*", default=["logs"], metavar="LOG_DIR",
@@ -448,11 +448,9 @@ def main(argv=None):
     except ReportError as error:
         for warning in error.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error, 2)
     except OSError as error:
-        print(f"error: cannot write the report to '{args.out}': {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"cannot write the report to '{args.out}': {error}", 2)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {len(result['files'])} files ({len(result['runs'])} runs):")
