@@ -22,8 +22,7 @@ from utils.checkpoint import CheckpointError
 from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, positive_int
 from utils.config import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, expand_exp_ids, resolve_config
 from utils.data_utils import LogError
-from utils.prepare_data import DataUnavailableError
-from utils.run_folder import describe_os_error
+from utils.files import describe_os_error
 from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
                          worker_command_line)
 from utils.experiment import RunOptions, fetch_inputs, run_experiment, signals_interrupt
@@ -99,8 +98,7 @@ def configs_from_args(args):
     return [resolve_config(exp_id, **overrides) for exp_id in expand_exp_ids(args.exp_id)]
 
 
-FAILURES = (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError, DataUnavailableError,
-            TrainingStopped)
+FAILURES = (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError, TrainingStopped)
 
 
 def run_set(configs, args, argv):

@@ -357,20 +357,20 @@ class TestBadInput(TinyCheckpoints):
     def test_missing_tokenizer_is_fetched_from_its_pinned_files(self):
         empty = tempfile.mkdtemp(dir=self.folder)
 
-        def fetch_into(remote, folder):
+        def fetch_into(fetcher, remote, folder):
             shutil.copy(os.path.join(self.folder, remote.name), folder)
 
-        with mock.patch("utils.generate.fetch_into", side_effect=fetch_into) as fetched:
+        with mock.patch("utils.prepare_data.fetch_into", side_effect=fetch_into) as fetched:
             code, out, err = run_main(["--checkpoint", self.checkpoints["lstm"], "--prompt", "the",
                                        "--temperature", "0", "--max_new_tokens", "3",
                                        "--data_folder", empty])
         self.assertEqual(code, 0, err)
-        self.assertEqual([call.args for call in fetched.call_args_list],
+        self.assertEqual([call.args[1:] for call in fetched.call_args_list],
                          [(remote, empty) for remote in TOKENIZER_FILES])
 
     def test_missing_tokenizer_that_cannot_be_fetched(self):
         empty = tempfile.mkdtemp(dir=self.folder)
-        with mock.patch("utils.generate.fetch_into", side_effect=DownloadError("no network")):
+        with mock.patch("utils.prepare_data.fetch_into", side_effect=DownloadError("no network")):
             self.assert_one_line_error(["--checkpoint", self.checkpoints["lstm"], "--prompt", "the",
                                         "--data_folder", empty], "utils.prepare_data", "no network")
 

@@ -406,7 +406,7 @@ class FileSystemTest(SafetyCase):
 
     def test_read_only_folder_and_full_disk_before_training(self):
         refuse = OSError(errno.EROFS, "Read-only file system")
-        with mock.patch("utils.run_folder.open", side_effect=refuse, create=True):
+        with mock.patch("utils.files.open", side_effect=refuse, create=True):
             code, _, err = run_main(*self.args("ro", "lstm", "--data_folder", "/nonexistent"))
         self.assertIn("Read-only file system", self.one_line(code, err, 2))
         full = OSError(errno.ENOSPC, "No space left on device")

@@ -12,7 +12,7 @@ import sys
 import time
 
 from utils.cli import SHARED_DATA_ENV, OneLineParser, fail, shared_data_path
-from utils.prepare_data import _document_lines, tokenize_documents
+from utils.prepare_data import document_lines, tokenize_documents
 from utils.tokenization import GPT1Tokenizer
 
 PROG = "python -m utils.bench_tokenizer"
@@ -34,7 +34,7 @@ def benchmark(text_path, tokenizer_folder):
     """
     tokenizer = GPT1Tokenizer.from_folder(tokenizer_folder)
     start = time.perf_counter()
-    documents = _document_lines(read_text(text_path))
+    documents = document_lines(read_text(text_path))
     read_s = time.perf_counter() - start
     start, start_cpu = time.perf_counter(), time.process_time()
     arrays = tokenize_documents(tokenizer, documents)

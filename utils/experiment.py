@@ -22,11 +22,12 @@ from utils.cli import UsageError, environment_record
 from utils.config import DEFAULT_EMBEDDINGS, ExperimentConfig
 from utils.data_folder import SPLITS
 from utils.data_utils import LOG_NAME, write_log
+from utils.download import Fetcher
 from utils.models import count_parameters, model_for_config
 from utils.prepare_data import ensure_data
-from utils.run_folder import (FolderContents, RunLock, check_writable_folder, checkpoint_paths,
-                              describe_os_error, drop_replaced, move_aside, put_back, recover,
-                              remove_if_unused, remove_stale_temporaries)
+from utils.files import check_writable_folder, describe_os_error
+from utils.run_folder import (FolderContents, RunLock, checkpoint_paths, drop_replaced, move_aside,
+                              put_back, recover, remove_if_unused, remove_stale_temporaries)
 from utils.torch_utils import seed_experiment
 from utils.training import Processes, Trainer, TrainingStopped, check_precision, choose_precision
 from utils.wikitext2 import Wikitext2
@@ -235,11 +236,8 @@ def resumed_config(config, payload):
 def fetch_inputs(config, progress):
     """Prepare the data folder's missing files; the default embeddings file is fetched when missing,
     a file named on the command line never is."""
-    try:
-        ensure_data(config.data_folder, need_embeddings=config.embeddings == DEFAULT_EMBEDDINGS,
-                    embeddings_path=config.embeddings_path, progress=progress)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
+    ensure_data(config.data_folder, need_embeddings=config.embeddings == DEFAULT_EMBEDDINGS,
+                embeddings_path=config.embeddings_path, fetcher=Fetcher(progress=progress))
 
 
 def load_model_and_data(config, options, processes):
@@ -317,9 +315,9 @@ def run_experiment(config, options=None):
         # collective that rank 0 passes only then and before it writes its first log, so they never
         # see the new run half-written (rank 0's `recover` of an old overwrite is not ordered).
         return start_run(config, options, processes, run_dir)
-    check_writable_folder(options.log_dir)
+    check_writable_folder(options.log_dir, "--log_dir")
     new_folder = not os.path.isdir(run_dir)
-    check_writable_folder(run_dir)
+    check_writable_folder(run_dir, "--exp_id or --log_dir")
     with RunLock(run_dir) as lock:
         try:
             recover(run_dir)

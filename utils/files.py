@@ -1,14 +1,18 @@
-"""Files written whole or not at all, and JSON that strict readers accept.
+"""Files written whole or not at all, folders that can be written, and JSON strict readers accept.
 
 Every file the package writes for later (logs, checkpoints, data arrays, kept tensor rows, the
 benchmark's JSON) goes through `atomic_write`: a temporary file beside the target, flushed to disk,
-then renamed over it, so that a crash or a signal leaves the old file or the new one.
+then renamed over it, so that a crash or a signal leaves the old file or the new one. A folder
+that cannot be written is one line naming it and the setting to change.
 """
 import contextlib
+import errno
 import json
 import math
 import os
 import tempfile
+
+from utils.cli import UsageError
 
 TEMPORARY_PREFIX = ".tmp-"  # what an interrupted write leaves (utils/run_folder.py removes them)
 
@@ -57,6 +61,46 @@ def atomic_write_bytes(path, data):
     """Write `data` to `path` through `atomic_write`."""
     with atomic_write(path) as file:
         file.write(data)
+
+
+class StorageError(OSError):
+    """A folder cannot be written (permission, full disk...); the message says which and what to do."""
+
+
+def storage_error(error, path, setting="--data_folder"):
+    """A StorageError saying what went wrong writing `path` and which `setting` to change."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if error.errno == errno.ENOSPC:
+        return StorageError(f"disk full while writing {path}: free some space in {folder} "
+                            f"or pick another {setting}, then run again to resume")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"cannot write {path}: {error.strerror.lower()}; "
+                            f"pick a writable {setting}")
+    return StorageError(f"cannot write {path}: {(error.strerror or str(error)).lower()}; "
+                        f"pick another {setting}")
+
+
+def describe_os_error(error):
+    """`strerror` of an OSError in a few words, with a hint for the names the file system refuses."""
+    if error.errno == errno.ENAMETOOLONG:
+        return "a name longer than the file system allows: choose a shorter --exp_id"
+    return error.strerror or type(error).__name__
+
+
+def check_writable_folder(folder, flag):
+    """Create `folder` if needed and make sure files can be written in it; UsageError in one line
+    naming `flag`, the setting to change."""
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"{folder} is a file, not a folder: choose another {flag}")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as file:
+            file.write(b"0")
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write in {folder} ({describe_os_error(error)}): "
+                         f"choose another {flag} or free the disk") from None
 
 
 def json_ready(value):

@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
 from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, resolve_device
-from utils.download import DataUnavailableError, DownloadError, fetch_into
 from utils.language_model import perplexity, token_nll
 from utils.models import load_checkpoint
-from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
+from utils.prepare_data import fetch_tokenizer
+from utils.tokenization import PADDING_ID, GPT1Tokenizer
 from utils.wikitext2 import chunk_bounds
 
 PROG = "python -m utils.generate"
@@ -156,21 +156,12 @@ def score(model, ids, window=None, batch_size=8):
 
 
 def load_tokenizer(folder):
-    """The GPT-1 tokenizer of `folder`, fetching `vocab.json` and `merges.txt` there when missing."""
+    """The GPT-1 tokenizer of `folder`, fetching `vocab.json` and `merges.txt` there when missing
+    (DataUnavailableError, saying how to get them, when they cannot be had)."""
     try:
         return GPT1Tokenizer.from_folder(folder)
     except FileNotFoundError:
-        pass
-    try:
-        os.makedirs(folder, exist_ok=True)
-        for remote in TOKENIZER_FILES:
-            fetch_into(remote, folder)
-    except (DownloadError, OSError) as error:
-        raise DataUnavailableError(
-            f"the GPT-1 tokenizer (vocab.json, merges.txt) is not in {folder} and could not be "
-            f"fetched ({error}); run `python -m utils.prepare_data --data_folder {folder}` with "
-            "network access, or pass --data_folder FOLDER holding those two files") from None
-    return GPT1Tokenizer.from_folder(folder)
+        return fetch_tokenizer(folder)
 
 
 def read_score_text(text_or_file):
@@ -214,7 +205,7 @@ def _parser():
 def run(args):
     """Do what the parsed `args` ask.
 
-    Raises ValueError, UsageError, CheckpointError or DataUnavailableError on bad input.
+    Raises ValueError, UsageError (DataUnavailableError among them) or CheckpointError on bad input.
     """
     if args.score is None:
         check_sampling(args.temperature, args.top_k, args.top_p)
@@ -263,7 +254,7 @@ def main(argv=None):
         return exit_.code
     try:
         return run(args)
-    except (CheckpointError, DataUnavailableError, FileNotFoundError, UsageError, ValueError) as error:
+    except (CheckpointError, FileNotFoundError, UsageError, ValueError) as error:
         return fail(PROG, error, 2)
 
 

@@ -11,7 +11,6 @@ The lock is the operating system's: it dies with its process, so a run killed wi
 no stale lock, and a log that still says "running" while nobody holds the lock is a dead run.
 """
 import contextlib
-import errno
 import glob
 import os
 import shutil
@@ -19,7 +18,7 @@ import time
 
 from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
-from utils.files import TEMPORARY_PREFIX
+from utils.files import TEMPORARY_PREFIX, describe_os_error
 
 try:
     import fcntl
@@ -35,28 +34,6 @@ RUN_FILES = (LOG_NAME, *CHECKPOINT_NAMES.values())
 def checkpoint_paths(run_dir):
     """{"last": path, "best": path}: where a run saves its checkpoints (utils/checkpoint.py)."""
     return {kind: os.path.join(run_dir, name) for kind, name in CHECKPOINT_NAMES.items()}
-
-
-def check_writable_folder(folder, flag="--log_dir"):
-    """Create `folder` if needed and make sure files can be written in it; UsageError in one line."""
-    try:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise UsageError(f"{folder} is a file, not a folder: choose another {flag} or EXP_ID")
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as file:
-            file.write(b"0")
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write in {folder} ({describe_os_error(error)}): "
-                         f"choose another {flag} or free the disk") from None
-
-
-def describe_os_error(error):
-    """`strerror` of an OSError in a few words, with a hint for the names the file system refuses."""
-    if error.errno == errno.ENAMETOOLONG:
-        return "a name longer than the file system allows: choose a shorter --exp_id"
-    return error.strerror or type(error).__name__
 
 
 def read_owner(file, wait_s=2.0):

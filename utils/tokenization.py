@@ -18,7 +18,7 @@ punctuation are lost, so `decode(encode("The cat, sat."))` is "the cat , sat ." 
 separated by single spaces, as in the course's data.
 
 `TOKENIZER_FILES` pins where the two files come from (a Hub repository at a commit, and their
-sha256); data preparation and generation both fetch them from there (`utils.download.fetch_into`).
+sha256); data preparation and generation both fetch them from there (`utils.prepare_data.fetch_tokenizer`).
 """
 import json
 import os
