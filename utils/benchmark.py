@@ -1,4 +1,4 @@
-"""Speed and memory of the reference path and the fast path: `python -m utils.benchmark`.
+"""Speed and memory of the reference path and the fused path: `python -m utils.benchmark`.
 
     python -m utils.benchmark                          # the six models, on CUDA when present
     python -m utils.benchmark --device cpu --quick     # a CPU run of under a minute
@@ -13,7 +13,7 @@ same process on the same weights and batch of random token ids:
 - reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
   `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
   default AdamW;
-- fast: what the training loop does by default: `BatchLoss(fused=True)` (scaled-dot-product
+- fused: what the training loop does by default: `BatchLoss(fused=True)` (scaled-dot-product
   attention after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked
   NLL) and the fused AdamW; on CUDA also autocast (`--precision auto`: bf16, or fp16 before sm_80)
   with dynamic loss scaling and TF32; fp32 on the CPU.
@@ -30,7 +30,7 @@ How each path is measured:
 Training is forward + backward + AdamW step; evaluation is a forward pass under `torch.no_grad()`.
 ops/step: the ATen operations (views excluded) of one more training step after the warm-up,
 counted by `OpCounter`; on a GPU each is about one kernel launch, which is what bounds MiniGPT1's
-small steps there. The ratio row gives fast / reference for it too.
+small steps there. The ratio row gives fused / reference for it too.
 Memory: on CUDA the caching allocator's reserved bytes after the warm-up training steps ("steady")
 and its peak reserved bytes over training and evaluation ("peak"); on the CPU the process's
 resident set (RSS) after the warm-up steps and its high-water mark, both less the RSS before the
@@ -69,7 +69,7 @@ from utils.cli import (OneLineParser, UsageError, environment_record, fail, posi
                        resolve_device, shared_data_path)
 from utils.config import resolve_config
 from utils.data_folder import EMBEDDINGS_FILE, SPLITS, split_path
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 from utils.files import write_json
 from utils.models import build_model
 from utils.experiment import RunOptions, run_experiment
@@ -80,7 +80,7 @@ from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 PROG = "python -m utils.benchmark"
 # The benchmark's models and the presets they come from (all trained with AdamW).
 MODELS = {"lstm1": "2", "lstm2": "9", "lstm4": "10", "gpt1": "6", "gpt2": "11", "gpt4": "12"}
-PATHS = ("reference", "fast")
+PATHS = ("reference", "fused")
 QUICK_MODELS = ("lstm1", "gpt1")
 class Settings:
     """How long and how big: the defaults per device, and what `--quick` reduces.
@@ -300,7 +300,7 @@ class MemoryProbe:
 
 
 def path_config(config, path):
-    """The config a path trains with: the reference path in fp32, the fast path as the loop runs it."""
+    """The config a path trains with: the reference path in fp32, the fused path as the loop runs it."""
     if path == "reference":
         return config.replace(fused=False, precision="fp32")
     return config.replace(fused=True, precision="auto")
@@ -332,7 +332,7 @@ class PathRunner:
         self.optimizer = make_optimizer(self.config, learnable)
         self.scaler = make_grad_scaler(self.config, device)
         self.learnable = learnable
-        # The training loop turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
+        # The training loop turns TF32 on for the fused path on CUDA and leaves PyTorch's defaults otherwise.
         self.tf32 = True if device.type == "cuda" and self.config.fused else None
 
     def train(self, steps):
@@ -428,16 +428,16 @@ def benchmark_model(name, settings, device, rate=None):
         if rate:
             entry["matmul_fraction"] = flops["train"] * entry["train_tokens_per_second"] / rate
             entry["eval_matmul_fraction"] = flops["forward"] * entry["eval_tokens_per_second"] / rate
-    reference, fast = result["paths"]["reference"], result["paths"]["fast"]
-    result["speedup"] = {phase: fast[f"{phase}_tokens_per_second"] / reference[f"{phase}_tokens_per_second"]
+    reference, fused = result["paths"]["reference"], result["paths"]["fused"]
+    result["speedup"] = {phase: fused[f"{phase}_tokens_per_second"] / reference[f"{phase}_tokens_per_second"]
                          for phase in ("train", "eval")}
     # Windows of the two paths run back to back, so the ratio within a pair of windows sees the
     # same machine load; their median is the steadier figure on a shared machine.
     result["speedup_paired"] = {phase: statistics.median(
-        r / f for r, f in zip(seconds["reference"][phase], seconds["fast"][phase])) for phase in ("train", "eval")}
-    result["memory_ratio"] = {key: _ratio(fast["memory"].get(key), reference["memory"].get(key))
+        r / f for r, f in zip(seconds["reference"][phase], seconds["fused"][phase])) for phase in ("train", "eval")}
+    result["memory_ratio"] = {key: _ratio(fused["memory"].get(key), reference["memory"].get(key))
                               for key in ("steady_mb", "peak_mb")}
-    result["ops_ratio"] = _ratio(fast["train_ops_per_step"]["total"], reference["train_ops_per_step"]["total"])
+    result["ops_ratio"] = _ratio(fused["train_ops_per_step"]["total"], reference["train_ops_per_step"]["total"])
     return result
 
 
@@ -516,7 +516,7 @@ def format_table(result):
                          _number((entry.get("train_ops_per_step") or {}).get("total")),
                          _number(model["flops_per_token"]["train"] / 1e9, 3),
                          _number(100 * entry["matmul_fraction"], 1) if "matmul_fraction" in entry else "-"))
-        rows.append((model["model"], "fast / reference", _number(model["speedup"]["train"], 2, "x"),
+        rows.append((model["model"], "fused / reference", _number(model["speedup"]["train"], 2, "x"),
                      _number(model["speedup"]["eval"], 2, "x"),
                      _number(model["memory_ratio"]["steady_mb"], 2), _number(model["memory_ratio"]["peak_mb"], 2),
                      _number(model.get("ops_ratio"), 2), "", ""))

@@ -48,7 +48,7 @@ class ExperimentConfig:
     limit_batches: Optional[int] = None
     max_steps: Optional[int] = None
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 elsewhere
-    fused: bool = True  # the fast path (fused kernels, chunked loss); False: the reference path
+    fused: bool = True  # the fused path (fused kernels, chunked loss); False: the reference path
     compile: bool = False
 
     def __post_init__(self):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 from utils.checkpoint import read_checkpoint, restore_rng_state, save_checkpoint
 from utils.cli import UsageError, resolve_device
 from utils.config import ExperimentConfig
@@ -130,7 +130,7 @@ def check_precision(config, device):
 def make_optimizer(config, parameters):
     """The optimizer named by `config.optimizer` (see the table in README.md).
 
-    On the fast path it is PyTorch's fused kernel, on the CPU too: one kernel for all the
+    On the fused path it is PyTorch's fused kernel, on the CPU too: one kernel for all the
     parameters instead of several operations per parameter. Where a device has no fused kernel,
     PyTorch's default implementation is used.
     """
@@ -455,7 +455,7 @@ class Trainer:
                 self.one_epoch(epoch, after_epoch)
         except torch.cuda.OutOfMemoryError:
             raise TrainingStopped(f"CUDA out of memory at --batch_size {self.state.config.batch_size}: "
-                                  "lower --batch_size (or keep --precision auto and the fast path "
+                                  "lower --batch_size (or keep --precision auto and the fused path "
                                   "on)") from None
 
     def one_epoch(self, epoch, after_epoch):

@@ -84,7 +84,7 @@ def number(value):
 
 
 @dataclass
-class Run:
+class LoggedRun:
     """One run's log, reduced to what the figures and tables show. Epochs are numbered from 1."""
 
     label: str  # the exp id, made unique when two logs share one
@@ -218,7 +218,7 @@ def make_run(log, label):
         value = config.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    return Run(label=label, exp_id=log["exp_id"], path=log.get("path", "?"),
+    return LoggedRun(label=label, exp_id=log["exp_id"], path=log.get("path", "?"),
                status=str(log.get("status")), model=text("model"), layers=whole("layers"),
                optimizer=text("optimizer"), planned_epochs=whole("epochs"), epochs=log["epochs"],
                log=log)

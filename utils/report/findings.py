@@ -1,6 +1,6 @@
 """The course's questions 3-8 answered with numbers from the logs: a small table or two each.
 
-Each question is a pure function of the report's `Run`s that returns a `Finding`: the runs it
+Each question is a pure function of the report's `LoggedRun`s that returns a `Finding`: the runs it
 needs, those missing from the logs, and tables whose rows are records of plain values (what
 `findings.json` holds) shown through `tables.Column`s (what REPORT.md shows). A question shows the
 rows of its runs that are present and names the missing ones.

@@ -1,4 +1,4 @@
-"""How a batch becomes a loss: the reference path and the fast path, behind one module.
+"""How a batch becomes a loss: the reference path and the fused path, behind one module.
 
 Legend: B batch, T time, C channels, V vocabulary, N = B * T.
 
@@ -8,7 +8,7 @@ what the training loop calls and what DistributedDataParallel / torch.compile wr
 - reference path (`fused=False`): `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
   with attention through `get_attention_weights` / `apply_attention` and layer norms differentiated
   by autograd through their written-out formula, all in fp32;
-- fast path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
+- fused path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
   backward pass (`LayerNormFunction`), and the NLL computed from the features
   `(B, T, C)` and the tied output weight `(V, C)` by `fused_token_nll`, which never builds the
   dense log-probabilities; with `autocast_dtype=torch.bfloat16` (CUDA) the matmuls run in bf16
@@ -55,7 +55,7 @@ class ChunkedNLL(torch.autograd.Function):
 
     and the backward pass is `grad_nll[:, None] * J`, with no second matmul. Only when `weight`
     itself learns does the backward pass recompute the logits, block by block, from the
-    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fast CUDA path); the
+    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fused CUDA path); the
     log-softmax, the NLL and the log-normalisers are fp32.
     """
 
