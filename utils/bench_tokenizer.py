@@ -2,7 +2,7 @@
 
     python -m utils.bench_tokenizer [TEXT(.xz)] [--tokenizer_folder FOLDER]
 
-Defaults: $SHARED_DATA_DIR/wikitext-2-tokens/train.txt.xz (2.09M words, 36,718 lines) and the
+Defaults: $SHARED_DATA_DIR/wikitext-2-tokens/train.txt.xz (WikiText-2's training text) and the
 tokenizer files in $SHARED_DATA_DIR/gpt1-bpe. Every non-empty line is encoded as one document,
 as `prepare_data` does; the time to read the file is reported apart from the encoding time.
 """

@@ -1,50 +1,15 @@
 """Speed and memory of the reference path and the fused path: `python -m utils.benchmark`.
 
     python -m utils.benchmark                          # the six models, on CUDA when present
-    python -m utils.benchmark --device cpu --quick     # a CPU run of under a minute
+    python -m utils.benchmark --device cpu --quick     # a short CPU run
     python -m utils.benchmark --models gpt1,gpt4 --json bench.json
     python -m utils.benchmark --gpu-check --json gpu_check.json   # benchmark + epochs of configs 2 and 6
 
-For each model (LSTM with 1, 2, 4 layers = presets 2, 9, 10; MiniGPT1 with 1, 2, 4 layers =
-presets 6, 11, 12; all AdamW) at the real vocabulary (40,479) with the presets' frozen
-embeddings (random here: their values do not change the speed), two paths are measured in the
-same process on the same weights and batch of random token ids:
-
-- reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
-  `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
-  default AdamW;
-- fused: what the training loop does by default: `BatchLoss(fused=True)` (scaled-dot-product
-  attention after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked
-  NLL) and the fused AdamW; on CUDA also autocast (`--precision auto`: bf16, or fp16 before sm_80)
-  with dynamic loss scaling and TF32; fp32 on the CPU.
-
-How each path is measured:
-
-    warm-up        A and B, one step each on a tiny batch         (one-time costs paid)
-    memory phase   path A alone: warm-up steps; steady and peak memory   (A freed)
-                   path B alone: the same                                (B kept)
-    timing phase   A built again beside B, one warm-up step, then windows in turn
-                   A B | B A | A B ...   (so a load that comes and goes hits both alike)
-                   tokens/s = B * T * steps / seconds of a window; the median window is reported
-
-Training is forward + backward + AdamW step; evaluation is a forward pass under `torch.no_grad()`.
-ops/step: the ATen operations (views excluded) of one more training step after the warm-up,
-counted by `OpCounter`; on a GPU each is about one kernel launch, which is what bounds MiniGPT1's
-small steps there. The ratio row gives fused / reference for it too.
-Memory: on CUDA the caching allocator's reserved bytes after the warm-up training steps ("steady")
-and its peak reserved bytes over training and evaluation ("peak"); on the CPU the process's
-resident set (RSS) after the warm-up steps and its high-water mark, both less the RSS before the
-path's model was built.
-
-Model FLOPs are counted analytically (`model_flops_per_token`): every matmul of `m x k` by `k x n`
-costs 2mkn; the backward pass costs one such product for the gradient of each input that needs
-one and one for each learnable weight, so with the frozen tied embeddings the output layer's
-backward is one product (its input's gradient), not two, and `6 * parameters * tokens` does not
-apply. Attention's `Q K^T` and `A V` count the causal half: a query at position t attends to
-t + 1 keys. Element-wise work (softmax, norms, activations, the optimizer) is not counted. On CUDA
-the card's bf16 matmul rate is measured in the same run (the fastest of 20 products of 8192^3) and
-each model's FLOPs per second are given as a fraction of it; on the CPU the fraction is of the fp32
-matmul rate (2048^3), which a shared CPU makes a rough figure.
+Both paths of each model (LSTM and MiniGPT1 with 1, 2 and 4 layers, the presets' sizes) are
+measured in one process on the same weights and batch: tokens/s of training and evaluation in
+windows taken in turn, steady and peak memory, ATen operations per step, and model FLOPs counted
+analytically as a fraction of the device's measured matmul rate. The method, and every
+measurement so far, are in docs/PERFORMANCE.md.
 """
 import argparse
 import collections

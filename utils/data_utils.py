@@ -1,38 +1,8 @@
-"""The one JSON log format of a run: its writer and the reader every consumer uses.
+"""The one JSON log format of a run, `LOG_DIR/EXP_ID/log.json`: its writer and the reader every
+consumer uses; and `save_logs`, the course's own text logs.
 
-A run writes `LOG_DIR/EXP_ID/log.json`, rewritten atomically after every epoch:
-
-    {
-      "format": "wikitext2-lm-log/1",
-      "exp_id": "6", "status": "running" | "finished" | "failed" | "stopped",
-      "message": null or why the run stopped,
-      "config": {...ExperimentConfig...},
-      "environment": {"python", "torch", "numpy", "platform", "device", "device_name", "cuda", "cudnn",
-                      "world_size", "autocast" (bf16 | fp16 | fp32), "precision_reason", "fused",
-                      "compile"},
-      "parameters": {"total": int, "learnable": int},
-      "epochs": [  # one entry per finished epoch, epoch numbers from 1
-        {"epoch", "steps", "train_loss", "train_ppl", "valid_loss", "valid_ppl",
-         "train_seconds", "valid_seconds", "cumulative_seconds",
-         "train_tokens", "train_tokens_per_second", "valid_tokens_per_second", "lr",
-         "gpu_memory_mb": {"steady", "steady_source" ("nvml": as nvidia-smi shows it, or
-                           "torch_reserved": without the CUDA context), "peak_allocated",
-                           "peak_reserved"} or null,
-         "cpu_rss_mb"}
-      ],
-      "best": {"epoch", "valid_loss", "valid_ppl"} or null,
-      "test": {"epoch", "loss", "ppl"} or null,
-      # the course's flat lists, for plotting code written against its logs:
-      "train_losses", "valid_losses", "train_ppls", "valid_ppls", "train_times", "valid_times",
-      "test_loss", "test_ppl"
-    }
-
-Losses are per-token mean NLL in nats; a perplexity is exp(summed NLL / number of real tokens).
-
-The course's own starter `run_exp.py` logs instead through `save_logs`, into `LOG_DIR/EXP_ID/`:
-`args.json` (the arguments' attributes, JSON indented by 2), one value per line without a final
-newline in `{train,valid}_{loss,ppl,time}.txt` (one line per epoch), and one value followed by a
-newline in `test_{loss,ppl,time}.txt`. Each value is written as `str()` writes it.
+The fields of both are in docs/FORMATS.md. Losses are per-token mean NLL in nats; a perplexity is
+exp(summed NLL / number of real tokens).
 """
 import json
 import os
@@ -131,7 +101,7 @@ COURSE_TEST_FILES = ("test_loss", "test_ppl", "test_time")
 
 def save_logs(args, train_losses, train_ppls, train_times, valid_losses, valid_ppls, valid_times,
               test_loss, test_ppl, test_time):
-    """Write the course's text logs (see the module docstring) for the course's `run_exp.py`.
+    """Write the course's text logs (docs/FORMATS.md) for the course's `run_exp.py`.
 
     `args` is the script's argparse Namespace (or the notebook's dataclass): any object whose
     attributes include `log_dir` and `exp_id`; all its attributes go to `args.json`. Returns the

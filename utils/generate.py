@@ -8,27 +8,8 @@
 Legend: B batch (the samples), T time, V vocabulary.
 
 Both models are driven through `step(new_tokens, state)` (utils/language_model.py), so nothing here
-asks which model it has: the LSTM is fed only the newest token and carries its `(h, c)`, the GPT
-re-reads its context cut to the last `sequence_length` tokens. The models have no start-of-text
-token, so generation needs a prompt of at least one token.
-
-Choosing the next token from the log-probabilities `(B, V)` of a step:
-
-    padding (id 0) -> -inf                      never sampled
-    temperature 0  -> argmax                    greedy, deterministic
-    otherwise      -> / temperature, keep the top_k best, keep the smallest set whose
-                      probability reaches top_p, sample with the given torch.Generator
-
-Scoring cuts the text as the data loader cuts a split (utils/wikitext2.py, break_mode "none")
-into windows of `sequence_length + 1` tokens overlapping by one, and scores each window from an
-empty context (the LSTM from zero states), as validation does:
-
-    ids      a b c d e f g h i j k              (window = 4)
-    windows  [a b c d e] [e f g h i] [i j k]
-    scored     b c d e     f g h i     j k       every token but the first, once
-
-so the perplexity, exp(summed NLL / number of scored tokens), is the logs' figure on the same ids.
-The tokenizer (`vocab.json`, `merges.txt`) is read from the checkpoint's recorded data folder, or
+asks which model it has. The models have no start-of-text token, so generation needs a prompt of
+at least one token. The tokenizer is read from the checkpoint's recorded data folder, or
 `--data_folder`, and fetched there when it is missing.
 """
 import math
@@ -61,7 +42,13 @@ def check_sampling(temperature, top_k=None, top_p=None):
 
 
 def choose_next(log_probas, temperature=0.8, top_k=None, top_p=None, generator=None):
-    """Next token ids `(B,)` from log-probabilities `(B, V)`; padding is never chosen."""
+    """Next token ids `(B,)` from log-probabilities `(B, V)`; padding is never chosen.
+
+        padding (id 0) -> -inf                      never sampled
+        temperature 0  -> argmax                    greedy, deterministic
+        otherwise      -> / temperature, keep the top_k best, keep the smallest set whose
+                          probability reaches top_p, sample with the given torch.Generator
+    """
     logits = log_probas.float().clone()  # (B, V)
     logits[:, PADDING_ID] = -math.inf
     if temperature == 0:
@@ -125,9 +112,16 @@ def score(model, ids, window=None, batch_size=8):
     """How well `model` predicts `ids`: `{"loss", "ppl", "tokens"}`.
 
     `loss` is the mean NLL in nats of every token but the first, `ppl` its exp, `tokens` their
-    number. The ids are cut into windows of `window + 1` tokens overlapping by one (see the module
-    docstring), each scored from an empty context; `window` defaults to the model's
-    `sequence_length` (256 for a model without one).
+    number. The ids are cut as the data loader cuts a split (utils/wikitext2.py, break_mode
+    "none"), into windows of `window + 1` tokens overlapping by one, each scored from an empty
+    context (the LSTM from zero states) as validation does; `window` defaults to the model's
+    `sequence_length` (256 for a model without one):
+
+        ids      a b c d e f g h i j k              (window = 4)
+        windows  [a b c d e] [e f g h i] [i j k]
+        scored     b c d e     f g h i     j k       every token but the first, once
+
+    so the perplexity, exp(summed NLL / number of scored tokens), is the logs' figure on the same ids.
     """
     ids = [int(index) for index in ids]
     if len(ids) < 2:

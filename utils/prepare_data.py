@@ -3,31 +3,13 @@
     python -m utils.prepare_data [--data_folder data] [--mirror URL_OR_DIR] [--skip_embeddings]
                                  [--verify] [--force]
 
-What it makes in `--data_folder` (see `data/README.md`):
-
-    wiki.{train,validation,test}.npz   `tokens` uint16 (GPT-1 id + 1), `sizes` int64 (tokens per
-                                       non-empty line of WikiText-2 raw)
-    vocab.json, merges.txt             the GPT-1 tokenizer (generation decodes with it)
-    embeddings.npz                     `tokens` (40479, 768) = zero row + GPT-1's token
-                                       embeddings, `position` (256, 768), float32
-    sources/                           files from plain URLs and their partial downloads (`*.part`)
-
-and from where (every remote file is pinned: repository and commit or URL, name, sha256):
-
-    WikiText-2 raw   wikitext-2-raw-v1.zip of the Hub dataset ggml-org/ci, then of
-                     wikitext.smerity.com, then the parquet files of the Hub dataset
-                     Salesforce/wikitext (only if pyarrow is installed)
-    tokenizer        vocab.json, merges.txt of the Hub model openai-community/openai-gpt
-    embeddings       two tensors of that model's model.safetensors, fetched with HTTP range
-                     requests (about 125 MB of its 479 MB) unless the whole file is at hand
-
-Files on the Hub are fetched by huggingface_hub into its cache (HF_HOME, ~/.cache/huggingface),
-or taken from there; HF_ENDPOINT names a mirror of the Hub, HF_TOKEN a token, HF_HUB_OFFLINE=1
-forbids any request. `--mirror DIR` takes every file by its name from a local folder, `--mirror
-URL` from `URL/<name>`. A file that fails its check is deleted (never used) and reported.
-
-`--verify` compares the arrays in `--data_folder` with the sha256 of the course's official
-arrays; a build runs the same check at its end. The fetching itself is `utils/download.py`.
+makes `wiki.{train,validation,test}.npz`, `vocab.json`, `merges.txt` and `embeddings.npz` in
+`--data_folder` (utils/data_folder.py) from pinned remote files: WikiText-2 raw, and GPT-1's
+tokenizer and embeddings (`DEFAULT_SOURCES`; where each comes from, the Hugging Face cache, mirrors
+and offline use: data/README.md). The fetching is utils/download.py; this module is its border,
+where a download that fails becomes one DataUnavailableError line saying how to get the files.
+`--verify` compares the arrays with the sha256 of the course's official arrays; a build runs the
+same check at its end.
 """
 import contextlib
 import dataclasses
@@ -177,7 +159,7 @@ def _fetch_wikitext(fetcher, source, folder):
         except DownloadError:
             fetcher.discard(path)  # never to be used again
             raise
-    if importlib.util.find_spec("pyarrow") is None:  # known before downloading 8 MB for nothing
+    if importlib.util.find_spec("pyarrow") is None:  # known before downloading the files for nothing
         raise DownloadError("parquet source skipped: it needs pyarrow (pip install pyarrow)")
     paths = {split: fetch_file(fetcher, remote, folder) for split, remote in source.parquet.items()}
     return _parquet_splits(paths)

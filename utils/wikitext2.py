@@ -197,8 +197,8 @@ class Wikitext2(Dataset):
     def tensors(self):
         """The whole split as one batch: `{"source", "target", "mask"}` each `(N, max_length)`.
 
-        The training loop indexes these directly (the data is small: 9,205 x 256 ids for train),
-        which is faster than collating items and can live on the GPU.
+        The training loop indexes these directly (a split is small enough to hold whole), which is
+        faster than collating items and can live on the GPU.
         """
         items = [self[i] for i in range(len(self))]
         return {key: torch.stack([item[key] for item in items]) for key in ("source", "target", "mask")}

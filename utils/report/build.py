@@ -2,31 +2,11 @@
 
     python -m utils.report [LOG_DIR ...] [--out report] [--format png,pdf] [--reference]
 
-reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes into `--out`:
-
-    REPORT.md                   figures and tables, a caption under each; its findings answer
-                                the course's questions 3-8 with small tables (`findings`)
-    figures/exp_ID.{png,pdf}    one run: perplexity against epochs and against wall-clock time
-    figures/optimizers_lstm.*   the course's comparisons (1-4, 5-8, 2/9/10, 6/11/12, 1 vs 5)
-    figures/all_runs.*          ... and every run together
-    tables/results.{md,tex}     one row per run; tables/memory_speed.{md,tex}; tables/tables.tex
-                                (a LaTeX document that inputs both, to compile as-is)
-    tables/results.csv          the figures of results.md, one row per run in the same order, as
-                                plain numbers (seconds, MiB, counts; empty when missing); columns
-                                `tables.RESULT_FIELDS` (+ `REFERENCE_FIELDS` with --reference)
-    findings.json               the numbers of REPORT.md's findings (the course's questions 3-8,
-                                `findings`): {"format", "runs", "questions": [{"question", "title",
-                                "needs", "missing", "notes", "tables": [{"number", "caption",
-                                "columns": [{"key", "header"[, "note"]}], "rows": [{key: value}]}]}]}
-                                where null is a missing value, or "never"/"none" where the table
-                                says so; each row also names its run (exp, architecture, layers,
-                                optimizer, dropout)
-
-A "dropout" column follows the optimizer in every table when some run's config has dropout.
-`--reference` puts the published 2021 runs beside the user's (`published_runs.json`). A log that
-cannot be read, a run still going, a run with fewer epochs or a missing field each give one
-`warning: ...` line on stderr and the report still comes out; no log folder or no log at all is one
-`error: ...` line and exit code 2. The same logs give the same bytes.
+reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes REPORT.md, the
+figures, the tables (Markdown, LaTeX, CSV) and findings.json into `--out` (each file:
+docs/FORMATS.md). A log that cannot be read, a run still going, a run with fewer epochs or a
+missing field each give one `warning: ...` line and the report still comes out; no log folder or
+no log at all is one error line and exit code 2. The same logs give the same bytes.
 """
 import argparse
 import functools
