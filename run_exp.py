@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 4 run_exp.py --exp_id 12
 
 The course's command line over the library: flags -> configs (utils/config.py) -> run_experiment
-(utils/training.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
+(utils/experiment.py), which writes LOG_DIR/EXP_ID/log.json after every epoch and the checkpoints
 last.pt and best.pt. `train` and `evaluate` are the course's one-pass functions (utils/course.py),
 for the course's notebook: `from run_exp import train, evaluate`.
 """
@@ -24,12 +24,11 @@ from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, positi
 from utils.config import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, expand_exp_ids, resolve_config
 from utils.course import evaluate, train  # noqa: F401 (the course's notebook imports them from here)
 from utils.data_utils import LogError
-from utils.prepare_data import DataUnavailableError
-from utils.run_folder import describe_os_error
+from utils.files import describe_os_error
 from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
                          worker_command_line)
-from utils.training import (RunOptions, TrainingStopped, fetch_inputs, run_experiment,
-                            signals_interrupt)
+from utils.experiment import RunOptions, fetch_inputs, run_experiment, signals_interrupt
+from utils.training import TrainingStopped
 
 PROG = "run_exp.py"
 
@@ -101,8 +100,7 @@ def configs_from_args(args):
     return [resolve_config(exp_id, **overrides) for exp_id in expand_exp_ids(args.exp_id)]
 
 
-FAILURES = (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError, DataUnavailableError,
-            TrainingStopped)
+FAILURES = (UsageError, ValueError, FileNotFoundError, CheckpointError, LogError, TrainingStopped)
 
 
 def run_set(configs, args, argv):

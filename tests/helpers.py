@@ -8,6 +8,7 @@ import torch
 from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
 from utils.cli import shared_data_path
+from utils.data_folder import SPLITS, split_file, split_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +42,9 @@ def shared_data_dir(*parts):
 
 def real_wikitext2_dir():
     folder = shared_data_dir("wikitext2")
-    for split in ("train", "validation", "test"):
-        if not os.path.isfile(os.path.join(folder, f"wiki.{split}.npz")):
-            raise unittest.SkipTest(f"{folder} lacks wiki.{split}.npz")
+    for split in SPLITS:
+        if not os.path.isfile(split_path(folder, split)):
+            raise unittest.SkipTest(f"{folder} lacks {split_file(split)}")
     return folder
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from utils import benchmark
 from utils.models import build_model
 from utils.config import resolve_config
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 REAL_MATMUL_RATE = benchmark.matmul_rate
@@ -161,9 +161,9 @@ class QuickRunTest(unittest.TestCase):
         self.assertEqual([model["model"] for model in result["models"]], list(benchmark.QUICK_MODELS))
         self.assertGreater(result["matmul_rate"]["flops_per_second"], 0)
         for model in result["models"]:
-            self.assertEqual(set(model["paths"]), {"reference", "fast"})
+            self.assertEqual(set(model["paths"]), {"reference", "fused"})
             self.assertEqual(model["paths"]["reference"]["fused"], False)
-            self.assertEqual(model["paths"]["fast"]["fused"], True)
+            self.assertEqual(model["paths"]["fused"]["fused"], True)
             self.assertEqual({path["precision"] for path in model["paths"].values()}, {"fp32"})  # CPU
             for path in model["paths"].values():
                 self.assertEqual(len(path["train_window_seconds"]), 2)
@@ -177,7 +177,7 @@ class QuickRunTest(unittest.TestCase):
                 self.assertIn("mm" if model["kind"] == "lstm" else "addmm", ops["by_op"])  # the matmuls run
             self.assertEqual(set(model["speedup"]), {"train", "eval"})
             self.assertEqual(set(model["speedup_paired"]), {"train", "eval"})
-            self.assertAlmostEqual(model["ops_ratio"], model["paths"]["fast"]["train_ops_per_step"]["total"]
+            self.assertAlmostEqual(model["ops_ratio"], model["paths"]["fused"]["train_ops_per_step"]["total"]
                                    / model["paths"]["reference"]["train_ops_per_step"]["total"])
             self.assertGreater(model["flops_per_token"]["train"], model["flops_per_token"]["forward"])
             self.assertLess(model["parameters"]["learnable"], model["parameters"]["total"])  # frozen
@@ -191,7 +191,7 @@ class QuickRunTest(unittest.TestCase):
             end = table[0].index(column) + len(column)
             for line in table[2:]:
                 self.assertEqual(len(line[:end].rstrip()), end, f"{column!r} not aligned in {line!r}")
-        self.assertIn("fast / reference", self.out)
+        self.assertIn("fused / reference", self.out)
         self.assertIn("--quick reduced: models", self.out)
         self.assertIn("gpt1: train window 2/2", self.err)  # progress goes to stderr
 
@@ -283,7 +283,7 @@ class ModelFailureTest(unittest.TestCase):
         self.assertEqual([model["model"] for model in result["models"]], ["gpt1"])
         self.assertEqual(result["errors"], {"lstm1": "RuntimeError: cuDNN RNN: no kernel for this dtype"})
         self.assertIn("lstm1 failed: RuntimeError", out)
-        self.assertRegex(out, r"\ngpt1 +fast / reference")
+        self.assertRegex(out, r"\ngpt1 +fused / reference")
 
 
 class CommandLineTest(unittest.TestCase):

@@ -32,7 +32,7 @@ from lstm_solution import LSTM
 from tests.helpers import ROOT, write_tiny_data
 from utils.config import ExperimentConfig
 from utils.data_utils import save_logs
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 from utils.training import Processes, TrainingState, evaluate, train_epoch
 from utils.torch_utils import seed_experiment, to_device
 from utils.wikitext2 import Wikitext2

@@ -11,6 +11,7 @@ import torch
 from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
 from tests.helpers import real_wikitext2_dir
+from utils.data_folder import SPLITS
 from utils.embeddings import GPT1Embedding
 from utils.torch_utils import seed_experiment, to_device
 from utils.wikitext2 import Wikitext2
@@ -198,7 +199,7 @@ class RealDataTest(unittest.TestCase):
         cls.folder = real_wikitext2_dir()
 
     def test_example_counts_and_first_test_source(self):
-        counts = {split: len(Wikitext2(self.folder, split)) for split in ("train", "validation", "test")}
+        counts = {split: len(Wikitext2(self.folder, split)) for split in SPLITS}
         self.assertEqual(counts, {"train": 9205, "validation": 958, "test": 1090})
         first = Wikitext2(self.folder, "test")[0]
         self.assertEqual(first["source"][:5].tolist(), [304, 4731, 8406, 614, 304])
@@ -207,7 +208,7 @@ class RealDataTest(unittest.TestCase):
     def test_break_mode_counts_and_sizes(self):
         counts = {split: [len(Wikitext2(self.folder, split, break_mode=mode))
                           for mode in ("none", "lines", "complete")]
-                  for split in ("train", "validation", "test")}
+                  for split in SPLITS}
         self.assertEqual(counts, {"train": [9205, 25248, 12194], "validation": [958, 2596, 1267],
                                   "test": [1090, 3063, 1425]})
         test = Wikitext2(self.folder, "test")

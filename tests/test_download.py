@@ -54,6 +54,11 @@ TENSOR_ROWS = {"tokens_embed.weight": None, "positions_embed.weight": 256}
 MODES = ("ok", "norange", "404", "500", "flaky", "truncated", "badsum", "drop", "hang")
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the pins hold
 
+def quiet(mirror=None, policy=FAST):
+    """A Fetcher without progress output, fast retries unless `policy` says otherwise."""
+    return dl.Fetcher(mirror, policy, progress=False)
+
+
 Request = collections.namedtuple("Request", "method mode name range sent hub authorization")
 
 
@@ -290,13 +295,11 @@ class ServerCase(HubClientMixin, unittest.TestCase):
         return dl.HubFile(f"{mode}/fixtures", name, REVISION, sha256(self.files[name]),
                           len(self.files[name]), repo_type)
 
-    def fetch(self, name, mode, policy=FAST, **options):
-        return dl.fetch_file(self.remote(name, mode), self.folder, policy=policy, progress=False,
-                             **options)
+    def fetch(self, name, mode, policy=FAST):
+        return dl.fetch_file(quiet(policy=policy), self.remote(name, mode), self.folder)
 
-    def fetch_hub(self, name, mode="ok", policy=FAST, **options):
-        return dl.fetch_file(self.hub_file(name, mode), self.folder, policy=policy, progress=False,
-                             **options)
+    def fetch_hub(self, name, mode="ok", policy=FAST):
+        return dl.fetch_file(quiet(policy=policy), self.hub_file(name, mode), self.folder)
 
     def assert_fetched(self, path, name):
         with open(path, "rb") as file:
@@ -349,7 +352,7 @@ class FailureTest(ServerCase):
     def test_refused_connection_is_retried_then_reported(self):
         remote = dl.RemoteFile("small.json", f"{UNREACHABLE}/small.json")
         with self.assertRaises(dl.DownloadError) as caught:
-            dl.fetch_file(remote, self.folder, policy=FAST, progress=False)
+            dl.fetch_file(quiet(), remote, self.folder)
         self.assertEqual(str(caught.exception),
                          f"{UNREACHABLE}/small.json: connection refused (tried 3 times)")
 
@@ -446,7 +449,7 @@ class HubTest(ServerCase):
 
     def test_dataset_repository_and_its_cache_folder(self):
         remote = self.hub_file("small.json", repo_type="dataset")
-        path = dl.fetch_file(remote, self.folder, policy=FAST, progress=False)
+        path = dl.fetch_file(quiet(), remote, self.folder)
         self.assertIn(f"/datasets--ok--fixtures/snapshots/{REVISION}/", path)
         self.assertEqual(self.server.paths[-1],
                          f"/datasets/ok/fixtures/resolve/{REVISION}/small.json")
@@ -487,19 +490,17 @@ class HubTest(ServerCase):
         self.assertEqual({entry.authorization for entry in self.server.log}, {"Bearer hf_fixture"})
 
     def test_mirror_folder_is_used_instead_of_the_hub(self):
-        path = dl.fetch_file(self.hub_file("small.json"), self.folder, self.fixture_dir.name,
-                             progress=False)
+        path = dl.fetch_file(quiet(self.fixture_dir.name), self.hub_file("small.json"), self.folder)
         self.assertEqual(path, os.path.join(self.fixture_dir.name, "small.json"))
         self.assertEqual(self.server.log, [])
 
     def test_fetch_into_copies_from_the_cache(self):
-        target = dl.fetch_into(self.hub_file("small.json"), self.folder, policy=FAST,
-                               progress=False)
+        target = dl.fetch_into(quiet(), self.hub_file("small.json"), self.folder)
         self.assertEqual(target, os.path.join(self.folder, "small.json"))
         self.assertFalse(os.path.islink(target))
         self.assert_fetched(target, "small.json")
         self.server.clear()
-        dl.fetch_into(self.hub_file("small.json"), self.folder, policy=FAST, progress=False)
+        dl.fetch_into(quiet(), self.hub_file("small.json"), self.folder)
         self.assertEqual(self.server.log, [])
 
 
@@ -602,23 +603,23 @@ class MirrorTest(ServerCase):
 
     def test_mirror_folder_is_read_by_name_offline(self):
         remote = dl.RemoteFile("small.json", f"{UNREACHABLE}/small.json", sha256(self.files["small.json"]))
-        path = dl.fetch_file(remote, self.folder, mirror=self.fixture_dir.name, progress=False)
+        path = dl.fetch_file(quiet(self.fixture_dir.name), remote, self.folder)
         self.assert_fetched(path, "small.json")
-        self.assertEqual(dl.remote_location(remote, self.fixture_dir.name),
+        self.assertEqual(quiet(self.fixture_dir.name).location(remote),
                          os.path.join(self.fixture_dir.name, "small.json"))
 
     def test_mirror_url_serves_the_file_by_name(self):
         remote = dl.RemoteFile("small.json", f"{UNREACHABLE}/pinned/small.json")
         mirror = f"{self.server.base}/ok/"
-        self.assertEqual(dl.remote_location(remote, mirror), f"{self.server.base}/ok/small.json")
-        self.assertEqual(dl.remote_location(remote, None), remote.url)
-        self.assert_fetched(dl.fetch_file(remote, self.folder, mirror, FAST, progress=False),
+        self.assertEqual(quiet(mirror).location(remote), f"{self.server.base}/ok/small.json")
+        self.assertEqual(quiet().location(remote), remote.url)
+        self.assert_fetched(dl.fetch_file(quiet(mirror), remote, self.folder),
                             "small.json")
 
     def test_mirror_url_serves_hub_files_by_name_without_token(self):
         with mock.patch.dict(os.environ, {"HF_TOKEN": "hf_fixture"}):
-            path = dl.fetch_file(self.hub_file("small.json"), self.folder,
-                                 f"{self.server.base}/ok/", FAST, progress=False)
+            path = dl.fetch_file(quiet(f"{self.server.base}/ok/"), self.hub_file("small.json"),
+                                 self.folder)
         self.assertEqual(path, os.path.join(self.folder, "small.json"))
         self.assertEqual([(entry.hub, entry.authorization) for entry in self.server.log],
                          [(False, None)])
@@ -626,22 +627,22 @@ class MirrorTest(ServerCase):
     def test_file_missing_from_the_mirror_folder(self):
         remote = dl.RemoteFile("absent.bin", f"{UNREACHABLE}/absent.bin")
         with self.assertRaisesRegex(dl.DownloadError, "absent.bin: no such file in the mirror folder$"):
-            dl.fetch_file(remote, self.folder, mirror=self.fixture_dir.name, progress=False)
+            dl.fetch_file(quiet(self.fixture_dir.name), remote, self.folder)
 
     def test_mirror_file_failing_its_check_is_not_used(self):
         remote = dl.RemoteFile("small.json", f"{UNREACHABLE}/small.json", sha256(b"other"))
         with self.assertRaisesRegex(dl.ChecksumError, r"small.json: not the pinned small.json "
                                                       r"\(sha256 .*\); not used$"):
-            dl.fetch_file(remote, self.folder, mirror=self.fixture_dir.name, progress=False)
+            dl.fetch_file(quiet(self.fixture_dir.name), remote, self.folder)
         self.assertTrue(os.path.exists(os.path.join(self.fixture_dir.name, "small.json")))
 
     def test_bad_mirror_value_names_it_and_the_fix(self):
-        self.assertIsNone(dl.mirror_kind(None))
-        self.assertEqual(dl.mirror_kind("https://host/path"), "url")
-        self.assertEqual(dl.mirror_kind(self.fixture_dir.name), "dir")
+        self.assertIsNone(quiet().mirror_kind)
+        self.assertEqual(quiet("https://host/path").mirror_kind, "url")
+        self.assertEqual(quiet(self.fixture_dir.name).mirror_kind, "dir")
         with self.assertRaisesRegex(ValueError, r"^--mirror '/no/such/folder' is neither an existing "
                                                 r"folder nor an http\(s\):// URL"):
-            dl.mirror_kind("/no/such/folder")
+            dl.Fetcher("/no/such/folder")
 
 
 class SafetensorsTest(ServerCase):
@@ -654,8 +655,8 @@ class SafetensorsTest(ServerCase):
                                       self.arrays["positions_embed.weight"][:256])
 
     def read_hub(self, mode="ok"):
-        return dl.read_safetensors_rows(self.hub_file("model.safetensors", mode), self.folder,
-                                        TENSOR_ROWS, policy=FAST, progress=False)
+        return dl.read_safetensors_rows(quiet(), self.hub_file("model.safetensors", mode), self.folder,
+                                        TENSOR_ROWS)
 
     def assert_ranges_only(self, mode):
         requests = self.server.requests(mode, "model.safetensors")
@@ -718,15 +719,15 @@ class SafetensorsTest(ServerCase):
         self.assertEqual(self.server.log, [])
 
     def test_plain_rows_fetched_by_ranges_only(self):
-        arrays = dl.read_safetensors_rows(self.remote("model.safetensors", "ok"), self.folder,
-                                          TENSOR_ROWS, policy=FAST, progress=False)
+        arrays = dl.read_safetensors_rows(quiet(), self.remote("model.safetensors", "ok"),
+                                          self.folder, TENSOR_ROWS)
         self.assert_rows(arrays)
         self.assert_ranges_only("ok")
         self.assertEqual(os.listdir(self.folder), [])  # no part left behind
 
     def test_plain_server_without_ranges_gets_whole_checked_file(self):
-        arrays = dl.read_safetensors_rows(self.remote("model.safetensors", "norange"), self.folder,
-                                          TENSOR_ROWS, policy=FAST, progress=False)
+        arrays = dl.read_safetensors_rows(quiet(), self.remote("model.safetensors", "norange"),
+                                          self.folder, TENSOR_ROWS)
         self.assert_rows(arrays)
         self.assertIn(len(self.files["model.safetensors"]),
                       [entry.sent for entry in self.server.requests("norange", "model.safetensors")])
@@ -734,8 +735,8 @@ class SafetensorsTest(ServerCase):
 
     def test_wrong_bytes_without_ranges_are_not_used(self):
         with self.assertRaisesRegex(dl.ChecksumError, r"not the pinned model.safetensors .*; deleted$"):
-            dl.read_safetensors_rows(self.remote("model.safetensors", "badsum"), self.folder,
-                                     TENSOR_ROWS, policy=FAST, progress=False)
+            dl.read_safetensors_rows(quiet(), self.remote("model.safetensors", "badsum"), self.folder,
+                                     TENSOR_ROWS)
         self.assertEqual(os.listdir(self.folder), [])
 
     def test_mirror_file_failing_its_check_is_not_used(self):
@@ -744,8 +745,8 @@ class SafetensorsTest(ServerCase):
         save_file({"tokens_embed.weight": np.zeros((2, 4), np.float32)},
                   os.path.join(mirror, "model.safetensors"))
         with self.assertRaisesRegex(dl.ChecksumError, r"not the pinned model.safetensors .*; not used$"):
-            dl.read_safetensors_rows(self.hub_file("model.safetensors"), self.folder, TENSOR_ROWS,
-                                     mirror, FAST, progress=False)
+            dl.read_safetensors_rows(quiet(mirror), self.hub_file("model.safetensors"), self.folder,
+                                     TENSOR_ROWS)
 
     def test_prefixed_tensor_names_are_found(self):
         mirror = os.path.join(self.work.name, "mirror")
@@ -753,8 +754,7 @@ class SafetensorsTest(ServerCase):
         save_file({"transformer." + name: array for name, array in self.arrays.items()},
                   os.path.join(mirror, "model.safetensors"))
         remote = dl.RemoteFile("model.safetensors", f"{UNREACHABLE}/x")
-        self.assert_rows(dl.read_safetensors_rows(remote, self.folder, TENSOR_ROWS, mirror, FAST,
-                                                  progress=False))
+        self.assert_rows(dl.read_safetensors_rows(quiet(mirror), remote, self.folder, TENSOR_ROWS))
 
     def test_half_precision_tensors_are_read_as_float32(self):
         values = np.array([[1.0, -2.0], [0.5, 3.25]], dtype=np.float32)
@@ -773,8 +773,7 @@ class SafetensorsTest(ServerCase):
         for where in (mirror, f"{self.server.base}/ok/"):  # read whole, then by ranges
             with self.subTest(where=where):
                 remote = dl.RemoteFile("half.safetensors", f"{UNREACHABLE}/half.safetensors")
-                arrays = dl.read_safetensors_rows(remote, self.folder, {"b": None, "h": 1}, where,
-                                                  FAST, progress=False)
+                arrays = dl.read_safetensors_rows(quiet(where), remote, self.folder, {"b": None, "h": 1})
                 self.assertEqual((arrays["b"].dtype, arrays["h"].dtype), (np.float32, np.float32))
                 np.testing.assert_array_equal(arrays["b"], values)
                 np.testing.assert_array_equal(arrays["h"], values[:1])
@@ -784,8 +783,7 @@ class SafetensorsTest(ServerCase):
         for where in (self.fixture_dir.name, f"{self.server.base}/ok/"):
             with self.subTest(where=where):
                 with self.assertRaisesRegex(dl.DownloadError, r"blob.bin: not a safetensors file"):
-                    dl.read_safetensors_rows(remote, self.folder, TENSOR_ROWS, where, FAST,
-                                             progress=False)
+                    dl.read_safetensors_rows(quiet(where), remote, self.folder, TENSOR_ROWS)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from gpt1_solution_template import Block, LayerNorm, MiniGPT1, MultiHeadedAttent
 from lstm_solution import LSTM
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 from utils.config import resolve_config
-from utils.fast_path import set_fused_kernels
+from utils.batch_loss import set_fused_kernels
 from utils.models import build_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

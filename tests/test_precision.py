@@ -10,7 +10,7 @@ import torch
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 from tests.test_run_exp import TinyRunCase, run_main
 from utils.config import resolve_config
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 from utils.training import choose_precision, resolve_precision
 
 CUDA = torch.device("cuda", 0)

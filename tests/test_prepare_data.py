@@ -26,7 +26,7 @@ from unittest import mock
 import numpy as np
 
 from tests.test_download import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin,
-                                 cache_files, read_folder, sha256, write_tiny_checkpoint)
+                                 cache_files, quiet, read_folder, sha256, write_tiny_checkpoint)
 from tests.test_tokenization import write_tiny_tokenizer
 from utils import prepare_data as pd
 from utils.cli import shared_data_path
@@ -106,10 +106,9 @@ class LoopbackCase(HubClientMixin, unittest.TestCase):
         """Fixture sources on the loopback Hub; `modes`: file name -> server mode."""
         return fixture_sources(self.files, modes)
 
-    def prepare(self, **options):
+    def prepare(self, mirror=None, **options):
         """prepare_data into the test's data folder: quiet, fast retries, fixture sources."""
-        options = {"progress": False, "policy": FAST, "sources": self.sources(), **options}
-        return pd.prepare_data(self.data, **options)
+        return pd.prepare_data(self.data, quiet(mirror), **{"sources": self.sources(), **options})
 
     def remote(self, name, mode):
         return RemoteFile(name, f"{self.server.base}/{mode}/{name}", sha256(self.files[name]),
@@ -232,7 +231,7 @@ class HubCacheTest(LoopbackCase):
     def test_second_build_from_the_cache_makes_no_request(self):
         self.prepare()
         self.server.clear()
-        pd.prepare_data(self.other, progress=False, policy=FAST, sources=self.sources())
+        pd.prepare_data(self.other, quiet(), sources=self.sources())
         self.assertEqual(self.server.log, [])
         self.assert_splits_built(self.other)
         self.assert_embeddings_built(os.path.join(self.other, "embeddings.npz"))
@@ -241,7 +240,7 @@ class HubCacheTest(LoopbackCase):
         self.prepare()
         self.server.clear()
         self.hub(UNREACHABLE, offline=True)
-        pd.prepare_data(self.other, progress=False, policy=FAST, sources=self.sources())
+        pd.prepare_data(self.other, quiet(), sources=self.sources())
         self.assert_splits_built(self.other)
         self.assert_embeddings_built(os.path.join(self.other, "embeddings.npz"))
         self.assertEqual(self.server.log, [])
@@ -254,8 +253,7 @@ class HubCacheTest(LoopbackCase):
         self.server.clear()
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            pd.prepare_data(self.other, skip_embeddings=True, progress=False, policy=FAST,
-                            sources=self.sources())
+            pd.prepare_data(self.other, quiet(), skip_embeddings=True, sources=self.sources())
         self.assertRegex(err.getvalue(), r"^warning: .*/wikitext-2-raw-v1.zip: not the pinned "
                                          r"wikitext-2-raw-v1.zip \(sha256 [0-9a-f]+, expected "
                                          r"[0-9a-f]+\); deleted from the Hugging Face cache\n$")
@@ -341,7 +339,7 @@ class HubEnvironmentTest(LoopbackCase):
         env = {"HF_ENDPOINT": self.server.base, "HF_HOME": self.home, "HF_HUB_OFFLINE": "1"}
         code, out, err = run_in_child(["--data_folder", self.data], env)  # the real pins
         self.assertEqual(code, 2)
-        self.assertRegex(err, r"^error: cannot get the GPT-1 tokenizer: .*/vocab.json: not in the "
+        self.assertRegex(err, r"^python -m utils\.prepare_data: error: cannot get the GPT-1 tokenizer: .*/vocab.json: not in the "
                               r"Hugging Face cache \(.*\), and HF_HUB_OFFLINE is set\. Run "
                               rf"`HF_HUB_OFFLINE=0 python -m utils.prepare_data --data_folder "
                               rf"{re.escape(self.data)}` with network access, or put [^\n]*\n$")
@@ -393,8 +391,9 @@ class FailureTest(LoopbackCase):
         with contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", folder, "--quiet"], sources=self.sources(), policy=FAST)
         self.assertEqual(code, 2)
-        self.assertEqual(err.getvalue(), f"error: cannot write in data folder {folder}: not a "
-                                         "directory; pick another --data_folder\n")
+        self.assertEqual(err.getvalue(), f"python -m utils.prepare_data: error: cannot write in "
+                                         f"{folder} (Not a directory): choose another --data_folder "
+                                         "or free the disk\n")
 
 
 class InterruptionTest(LoopbackCase):
@@ -426,25 +425,23 @@ class EnsureDataTest(LoopbackCase):
         for name in pd.DATA_FILES:
             open(os.path.join(self.data, name), "wb").close()
         self.hub(UNREACHABLE, offline=True)
-        self.assertIsNone(pd.ensure_data(self.data, progress=False, sources=self.sources()))
+        self.assertIsNone(pd.ensure_data(self.data, fetcher=quiet(), sources=self.sources()))
 
     def test_prepares_what_is_missing(self):
-        pd.ensure_data(self.data, need_embeddings=True, progress=False, sources=self.sources(),
-                       policy=FAST)
+        pd.ensure_data(self.data, need_embeddings=True, fetcher=quiet(), sources=self.sources())
         self.assert_splits_built(self.data)
         self.assert_embeddings_built(os.path.join(self.data, "embeddings.npz"))
 
     def test_embeddings_path_elsewhere(self):
         path = os.path.join(self.work.name, "elsewhere.npz")
-        pd.ensure_data(self.data, need_embeddings=True, embeddings_path=path, progress=False,
-                       sources=self.sources(), policy=FAST)
+        pd.ensure_data(self.data, need_embeddings=True, embeddings_path=path, fetcher=quiet(),
+                       sources=self.sources())
         self.assert_embeddings_built(path)
 
     def test_no_network_raises_one_line(self):
         self.hub(UNREACHABLE)
         with self.assertRaises(pd.DataUnavailableError) as caught:
-            pd.ensure_data(self.data, progress=False, sources=unreachable_default_sources(),
-                           policy=FAST)
+            pd.ensure_data(self.data, fetcher=quiet(), sources=unreachable_default_sources())
         self.assertNotIn("\n", str(caught.exception))
         self.assertIn("--mirror FOLDER", str(caught.exception))
 
@@ -461,7 +458,7 @@ class CommandLineTest(LoopbackCase):
         self.assertEqual(code, 2)
         url = f"{UNREACHABLE}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
         self.assertEqual(err.getvalue(), (
-            f"error: cannot get the GPT-1 tokenizer: {url}: connection refused. "
+            f"python -m utils.prepare_data: error: cannot get the GPT-1 tokenizer: {url}: connection refused. "
             f"Run `python -m utils.prepare_data --data_folder {self.data}` with network access, "
             "or put wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder "
             "and add `--mirror FOLDER`\n"))
@@ -475,7 +472,7 @@ class CommandLineTest(LoopbackCase):
         self.assertEqual(code, 2)
         url = f"{self.server.base}/openai-community/openai-gpt/resolve/{GPT1_REVISION}/vocab.json"
         self.assertEqual(err.getvalue(), (
-            f"error: cannot get the GPT-1 tokenizer: {url}: not in the Hugging Face cache "
+            f"python -m utils.prepare_data: error: cannot get the GPT-1 tokenizer: {url}: not in the Hugging Face cache "
             f"({self.home}/hub), and HF_HUB_OFFLINE is set. Run `HF_HUB_OFFLINE=0 python -m "
             f"utils.prepare_data --data_folder {self.data}` with network access, or put "
             "wikitext-2-raw-v1.zip, vocab.json, merges.txt, model.safetensors in a folder and add "
@@ -487,15 +484,15 @@ class CommandLineTest(LoopbackCase):
         with contextlib.redirect_stderr(err):
             code = pd.main(["--data_folder", self.data, "--mirror", "/no/such/folder"])
         self.assertEqual(code, 2)
-        self.assertEqual(err.getvalue(), "error: --mirror '/no/such/folder' is neither an existing "
+        self.assertEqual(err.getvalue(), "python -m utils.prepare_data: error: --mirror '/no/such/folder' is neither an existing "
                                          "folder nor an http(s):// URL; give a folder holding the "
                                          "files by name, or a base URL serving them\n")
 
     def test_errors_are_one_line_without_traceback_in_a_real_process(self):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        # A bad flag is argparse's error, named by the program (utils.cli.OneLineParser).
-        for argv, prefix in ((["--mirror", "/no/such/folder"], "error: "),
-                             (["--bogus"], "python -m utils.prepare_data: error: ")):
+        # A bad value and a bad flag (argparse's error): both one line named by the program.
+        prefix = "python -m utils.prepare_data: error: "
+        for argv in (["--mirror", "/no/such/folder"], ["--bogus"]):
             with self.subTest(argv=argv):
                 result = subprocess.run([sys.executable, "-m", "utils.prepare_data", *argv],
                                         capture_output=True, text=True, timeout=60, cwd=root)

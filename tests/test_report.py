@@ -454,7 +454,7 @@ class OddInputTest(unittest.TestCase):
             self.assertEqual(code, 2)
             self.assertEqual(stdout, "")
             self.assertEqual(len(stderr.splitlines()), 1, stderr)
-            self.assertTrue(stderr.startswith("error: "), stderr)
+            self.assertTrue(stderr.startswith("python -m utils.report: error: "), stderr)
         with self.assertRaises(ReportError):
             make_report([empty], os.path.join(self.tmp, "out"))
 
@@ -475,7 +475,7 @@ class OddInputTest(unittest.TestCase):
                               cwd=root, capture_output=True, text=True, timeout=120)
         self.assertEqual(done.returncode, 2, done.stderr)
         self.assertEqual(done.stdout, "")
-        self.assertRegex(done.stderr, r"^error: log folder '.*missing' does not exist [^\n]*\n$")
+        self.assertRegex(done.stderr, r"^python -m utils\.report: error: log folder '.*missing' does not exist [^\n]*\n$")
 
     def test_same_logs_give_the_same_bytes(self):
         logs = os.path.join(self.tmp, "logs")

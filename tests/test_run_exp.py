@@ -130,9 +130,9 @@ class BatchIndicesTest(unittest.TestCase):
 
 
 class OptimizerTest(unittest.TestCase):
-    """The fast path takes PyTorch's fused optimizers, on the CPU too, and they step as the plain ones."""
+    """The fused path takes PyTorch's fused optimizers, on the CPU too, and they step as the plain ones."""
 
-    def test_fused_on_the_fast_path_only_and_equal_steps(self):
+    def test_fused_optimizers_on_the_fused_path_only_and_equal_steps(self):
         for name in ("adam", "adamw", "sgd", "momentum"):
             with self.subTest(optimizer=name):
                 weights = {}

@@ -24,7 +24,7 @@ import numpy as np
 
 from tests.test_run_exp import (ROOT, TinyRunCase, children_take_sigint, make_long_epoch_data, run_main,
                                  subprocess_env)
-from utils import checkpoint, run_folder, training
+from utils import checkpoint, experiment, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
 from utils.cli import UsageError
 from utils.data_utils import read_log
@@ -99,7 +99,7 @@ class OverwriteTest(SafetyCase):
     def test_an_interrupted_overwrite_puts_the_old_run_back(self):
         self.assertEqual(run_main(*self.args("o", "lstm"))[0], 0)
         before = digests(os.path.join(self.logs, "o"))
-        with mock.patch.object(training, "write_log", side_effect=training.Interrupted(signal.SIGTERM)):
+        with mock.patch.object(experiment, "write_log", side_effect=experiment.Interrupted(signal.SIGTERM)):
             code, _, _ = run_main(*self.args("o", "lstm", "--overwrite"))
         self.assertEqual(code, 143)
         self.assertEqual(digests(os.path.join(self.logs, "o")), before)
@@ -316,7 +316,7 @@ class SignalsTest(SafetyCase):
         for exp_id, signum, expected, handlers in cases:
             with self.subTest(exp_id):
                 self.assertEqual(run_main(*self.args(exp_id, "lstm", "--epochs", 1))[0], 0)
-                drop = training.drop_replaced
+                drop = experiment.drop_replaced
 
                 def drop_under_signal(run_dir):
                     # Never SIG_DFL here: a SIGTERM would end the test runner itself.
@@ -326,7 +326,7 @@ class SignalsTest(SafetyCase):
 
                 previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
                 try:
-                    with handlers, mock.patch.object(training, "drop_replaced", drop_under_signal):
+                    with handlers, mock.patch.object(experiment, "drop_replaced", drop_under_signal):
                         code, _, err = run_main(*self.args(exp_id, "lstm", "--epochs", 1, "--overwrite"))
                 finally:
                     signal.signal(signal.SIGINT, previous_sigint)
@@ -406,11 +406,11 @@ class FileSystemTest(SafetyCase):
 
     def test_read_only_folder_and_full_disk_before_training(self):
         refuse = OSError(errno.EROFS, "Read-only file system")
-        with mock.patch("utils.run_folder.open", side_effect=refuse, create=True):
+        with mock.patch("utils.files.open", side_effect=refuse, create=True):
             code, _, err = run_main(*self.args("ro", "lstm", "--data_folder", "/nonexistent"))
         self.assertIn("Read-only file system", self.one_line(code, err, 2))
         full = OSError(errno.ENOSPC, "No space left on device")
-        with mock.patch("utils.data_utils.atomic_write_bytes", side_effect=full):
+        with mock.patch("utils.files.atomic_write_bytes", side_effect=full):
             code, _, err = run_main(*self.args("full", "lstm"))
         self.assertIn("No space left on device", self.one_line(code, err, 2))
 
@@ -455,8 +455,8 @@ class FileSystemTest(SafetyCase):
         self.assertEqual(run_main(*self.args("t", "lstm", "--epochs", 2, "--resume"))[0], 0)
         self.assertFalse(os.path.exists(stale))
         # A signal inside a write removes the write's own temporary.
-        with mock.patch("os.fsync", side_effect=training.Interrupted(signal.SIGTERM)), \
-                self.assertRaises(training.Interrupted):
+        with mock.patch("os.fsync", side_effect=experiment.Interrupted(signal.SIGTERM)), \
+                self.assertRaises(experiment.Interrupted):
             checkpoint.atomic_write_bytes(os.path.join(self.logs, "t", "x.pt"), b"data")
         self.assertEqual([n for n in os.listdir(os.path.join(self.logs, "t")) if n.startswith(".tmp-")], [])
 
@@ -534,7 +534,7 @@ class ConfigTest(SafetyCase):
         self.assertEqual(run_main(*self.args("cos", "lstm", "--epochs", 2, *args, "--resume"))[0], 0)
 
     def test_an_unexpected_error_leaves_a_failed_log(self):
-        with mock.patch.object(training.Run, "test", side_effect=RuntimeError("boom\nmore")), \
+        with mock.patch.object(training.Trainer, "test", side_effect=RuntimeError("boom\nmore")), \
                 self.assertRaises(RuntimeError):
             run_main(*self.args("u", "lstm", "--epochs", 1))
         log = self.log("u")

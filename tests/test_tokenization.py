@@ -18,10 +18,10 @@ import numpy as np
 
 from utils import bench_tokenizer
 from utils.cli import shared_data_path
+from utils.data_folder import SPLITS, split_file
 from utils.tokenization import GPT1Tokenizer
 
 SHARED_DATA_DIR = shared_data_path()
-SPLITS = ("train", "validation", "test")
 # Written where the course wrote <unk>: a character outside GPT-1's vocabulary.
 UNK_STANDIN = "\u2013"
 
@@ -149,7 +149,7 @@ class BenchTokenizerTest(unittest.TestCase):
 
 def official_split(split):
     """(tokens, sizes) of an official npz in $SHARED_DATA_DIR/wikitext2."""
-    with np.load(os.path.join(SHARED_DATA_DIR, "wikitext2", f"wiki.{split}.npz")) as archive:
+    with np.load(os.path.join(SHARED_DATA_DIR, "wikitext2", split_file(split))) as archive:
         return archive["tokens"].astype(np.int64), archive["sizes"]
 
 
@@ -167,7 +167,7 @@ def decoding_table(vocab_path):
 def has_shared_data():
     if not SHARED_DATA_DIR:
         return False
-    needed = [os.path.join("wikitext2", f"wiki.{split}.npz") for split in SPLITS]
+    needed = [os.path.join("wikitext2", split_file(split)) for split in SPLITS]
     needed += [os.path.join("gpt1-bpe", "vocab.json"), os.path.join("gpt1-bpe", "merges.txt")]
     return all(os.path.isfile(os.path.join(SHARED_DATA_DIR, path)) for path in needed)
 

@@ -2,7 +2,7 @@
 
     python -m utils.bench_tokenizer [TEXT(.xz)] [--tokenizer_folder FOLDER]
 
-Defaults: $SHARED_DATA_DIR/wikitext-2-tokens/train.txt.xz (2.09M words, 36,718 lines) and the
+Defaults: $SHARED_DATA_DIR/wikitext-2-tokens/train.txt.xz (WikiText-2's training text) and the
 tokenizer files in $SHARED_DATA_DIR/gpt1-bpe. Every non-empty line is encoded as one document,
 as `prepare_data` does; the time to read the file is reported apart from the encoding time.
 """
@@ -11,10 +11,11 @@ import os
 import sys
 import time
 
-from utils.cli import SHARED_DATA_ENV, OneLineParser, shared_data_path
-from utils.prepare_data import _document_lines, tokenize_documents
+from utils.cli import SHARED_DATA_ENV, OneLineParser, fail, shared_data_path
+from utils.prepare_data import document_lines, tokenize_documents
 from utils.tokenization import GPT1Tokenizer
 
+PROG = "python -m utils.bench_tokenizer"
 DEFAULT_TEXT = os.path.join("wikitext-2-tokens", "train.txt.xz")  # under $SHARED_DATA_DIR
 DEFAULT_TOKENIZER_FOLDER = "gpt1-bpe"  # under $SHARED_DATA_DIR
 
@@ -33,7 +34,7 @@ def benchmark(text_path, tokenizer_folder):
     """
     tokenizer = GPT1Tokenizer.from_folder(tokenizer_folder)
     start = time.perf_counter()
-    documents = _document_lines(read_text(text_path))
+    documents = document_lines(read_text(text_path))
     read_s = time.perf_counter() - start
     start, start_cpu = time.perf_counter(), time.process_time()
     arrays = tokenize_documents(tokenizer, documents)
@@ -43,7 +44,7 @@ def benchmark(text_path, tokenizer_folder):
 
 
 def _parser():
-    parser = OneLineParser(prog="python -m utils.bench_tokenizer", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("text", nargs="?", default=None,
                         help=f"the text to tokenize (default: ${SHARED_DATA_ENV}/{DEFAULT_TEXT})")
     parser.add_argument("--tokenizer_folder", default=None,
@@ -65,8 +66,7 @@ def main(argv=None):
     try:
         result = benchmark(args.text, args.tokenizer_folder)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error, 2)
     print(f"{args.text}: {result['documents']:,} documents, {result['tokens']:,} tokens; "
           f"read in {result['read_s']:.2f} s, tokenized in {result['tokenize_s']:.2f} s "
           f"({result['tokenize_cpu_s']:.2f} s CPU; {os.cpu_count()} CPUs, load average "

@@ -1,50 +1,15 @@
-"""Speed and memory of the reference path and the fast path: `python -m utils.benchmark`.
+"""Speed and memory of the reference path and the fused path: `python -m utils.benchmark`.
 
     python -m utils.benchmark                          # the six models, on CUDA when present
-    python -m utils.benchmark --device cpu --quick     # a CPU run of under a minute
+    python -m utils.benchmark --device cpu --quick     # a short CPU run
     python -m utils.benchmark --models gpt1,gpt4 --json bench.json
     python -m utils.benchmark --gpu-check --json gpu_check.json   # benchmark + epochs of configs 2 and 6
 
-For each model (LSTM with 1, 2, 4 layers = presets 2, 9, 10; MiniGPT1 with 1, 2, 4 layers =
-presets 6, 11, 12; all AdamW) at the real vocabulary (40,479) with the presets' frozen
-embeddings (random here: their values do not change the speed), two paths are measured in the
-same process on the same weights and batch of random token ids:
-
-- reference: `BatchLoss(fused=False)` in fp32, eager: attention through `get_attention_weights` /
-  `apply_attention`, layer norms through autograd, dense log-probabilities `(B, T, V)`, PyTorch's
-  default AdamW;
-- fast: what the training loop does by default: `BatchLoss(fused=True)` (scaled-dot-product
-  attention after one stacked Q, K, V product, layer norms with a hand-derived backward, the chunked
-  NLL) and the fused AdamW; on CUDA also autocast (`--precision auto`: bf16, or fp16 before sm_80)
-  with dynamic loss scaling and TF32; fp32 on the CPU.
-
-How each path is measured:
-
-    warm-up        A and B, one step each on a tiny batch         (one-time costs paid)
-    memory phase   path A alone: warm-up steps; steady and peak memory   (A freed)
-                   path B alone: the same                                (B kept)
-    timing phase   A built again beside B, one warm-up step, then windows in turn
-                   A B | B A | A B ...   (so a load that comes and goes hits both alike)
-                   tokens/s = B * T * steps / seconds of a window; the median window is reported
-
-Training is forward + backward + AdamW step; evaluation is a forward pass under `torch.no_grad()`.
-ops/step: the ATen operations (views excluded) of one more training step after the warm-up,
-counted by `OpCounter`; on a GPU each is about one kernel launch, which is what bounds MiniGPT1's
-small steps there. The ratio row gives fast / reference for it too.
-Memory: on CUDA the caching allocator's reserved bytes after the warm-up training steps ("steady")
-and its peak reserved bytes over training and evaluation ("peak"); on the CPU the process's
-resident set (RSS) after the warm-up steps and its high-water mark, both less the RSS before the
-path's model was built.
-
-Model FLOPs are counted analytically (`model_flops_per_token`): every matmul of `m x k` by `k x n`
-costs 2mkn; the backward pass costs one such product for the gradient of each input that needs
-one and one for each learnable weight, so with the frozen tied embeddings the output layer's
-backward is one product (its input's gradient), not two, and `6 * parameters * tokens` does not
-apply. Attention's `Q K^T` and `A V` count the causal half: a query at position t attends to
-t + 1 keys. Element-wise work (softmax, norms, activations, the optimizer) is not counted. On CUDA
-the card's bf16 matmul rate is measured in the same run (the fastest of 20 products of 8192^3) and
-each model's FLOPs per second are given as a fraction of it; on the CPU the fraction is of the fp32
-matmul rate (2048^3), which a shared CPU makes a rough figure.
+Both paths of each model (LSTM and MiniGPT1 with 1, 2 and 4 layers, the presets' sizes) are
+measured in one process on the same weights and batch: tokens/s of training and evaluation in
+windows taken in turn, steady and peak memory, ATen operations per step, and model FLOPs counted
+analytically as a fraction of the device's measured matmul rate. The method, and every
+measurement so far, are in docs/PERFORMANCE.md.
 """
 import argparse
 import collections
@@ -54,7 +19,6 @@ import ctypes
 import datetime
 import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -69,16 +33,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils.cli import (OneLineParser, UsageError, environment_record, fail, positive_int,
                        resolve_device, shared_data_path)
 from utils.config import resolve_config
-from utils.data_utils import atomic_write_bytes
-from utils.fast_path import BatchLoss
+from utils.data_folder import EMBEDDINGS_FILE, SPLITS, split_path
+from utils.batch_loss import BatchLoss
+from utils.files import write_json
 from utils.models import build_model
-from utils.training import (RunOptions, choose_precision, make_grad_scaler, make_optimizer,
-                            optimizer_step, resolve_precision, run_experiment)
+from utils.experiment import RunOptions, run_experiment
+from utils.training import (choose_precision, make_grad_scaler, make_optimizer, optimizer_step,
+                            resolve_precision)
 from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 
+PROG = "python -m utils.benchmark"
 # The benchmark's models and the presets they come from (all trained with AdamW).
 MODELS = {"lstm1": "2", "lstm2": "9", "lstm4": "10", "gpt1": "6", "gpt2": "11", "gpt4": "12"}
-PATHS = ("reference", "fast")
+PATHS = ("reference", "fused")
 QUICK_MODELS = ("lstm1", "gpt1")
 class Settings:
     """How long and how big: the defaults per device, and what `--quick` reduces.
@@ -298,7 +265,7 @@ class MemoryProbe:
 
 
 def path_config(config, path):
-    """The config a path trains with: the reference path in fp32, the fast path as the loop runs it."""
+    """The config a path trains with: the reference path in fp32, the fused path as the loop runs it."""
     if path == "reference":
         return config.replace(fused=False, precision="fp32")
     return config.replace(fused=True, precision="auto")
@@ -330,7 +297,7 @@ class PathRunner:
         self.optimizer = make_optimizer(self.config, learnable)
         self.scaler = make_grad_scaler(self.config, device)
         self.learnable = learnable
-        # The training loop turns TF32 on for the fast path on CUDA and leaves PyTorch's defaults otherwise.
+        # The training loop turns TF32 on for the fused path on CUDA and leaves PyTorch's defaults otherwise.
         self.tf32 = True if device.type == "cuda" and self.config.fused else None
 
     def train(self, steps):
@@ -426,16 +393,16 @@ def benchmark_model(name, settings, device, rate=None):
         if rate:
             entry["matmul_fraction"] = flops["train"] * entry["train_tokens_per_second"] / rate
             entry["eval_matmul_fraction"] = flops["forward"] * entry["eval_tokens_per_second"] / rate
-    reference, fast = result["paths"]["reference"], result["paths"]["fast"]
-    result["speedup"] = {phase: fast[f"{phase}_tokens_per_second"] / reference[f"{phase}_tokens_per_second"]
+    reference, fused = result["paths"]["reference"], result["paths"]["fused"]
+    result["speedup"] = {phase: fused[f"{phase}_tokens_per_second"] / reference[f"{phase}_tokens_per_second"]
                          for phase in ("train", "eval")}
     # Windows of the two paths run back to back, so the ratio within a pair of windows sees the
     # same machine load; their median is the steadier figure on a shared machine.
     result["speedup_paired"] = {phase: statistics.median(
-        r / f for r, f in zip(seconds["reference"][phase], seconds["fast"][phase])) for phase in ("train", "eval")}
-    result["memory_ratio"] = {key: _ratio(fast["memory"].get(key), reference["memory"].get(key))
+        r / f for r, f in zip(seconds["reference"][phase], seconds["fused"][phase])) for phase in ("train", "eval")}
+    result["memory_ratio"] = {key: _ratio(fused["memory"].get(key), reference["memory"].get(key))
                               for key in ("steady_mb", "peak_mb")}
-    result["ops_ratio"] = _ratio(fast["train_ops_per_step"]["total"], reference["train_ops_per_step"]["total"])
+    result["ops_ratio"] = _ratio(fused["train_ops_per_step"]["total"], reference["train_ops_per_step"]["total"])
     return result
 
 
@@ -451,7 +418,7 @@ def _ratio(numerator, denominator):
 
 def command_line(argv=None):
     """The command as typed (for the record), from `argv` or the process's own arguments."""
-    return " ".join(["python -m utils.benchmark"] + list(sys.argv[1:] if argv is None else argv))
+    return " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
 
 
 def environment(device, command=None):
@@ -514,7 +481,7 @@ def format_table(result):
                          _number((entry.get("train_ops_per_step") or {}).get("total")),
                          _number(model["flops_per_token"]["train"] / 1e9, 3),
                          _number(100 * entry["matmul_fraction"], 1) if "matmul_fraction" in entry else "-"))
-        rows.append((model["model"], "fast / reference", _number(model["speedup"]["train"], 2, "x"),
+        rows.append((model["model"], "fused / reference", _number(model["speedup"]["train"], 2, "x"),
                      _number(model["speedup"]["eval"], 2, "x"),
                      _number(model["memory_ratio"]["steady_mb"], 2), _number(model["memory_ratio"]["peak_mb"], 2),
                      _number(model.get("ops_ratio"), 2), "", ""))
@@ -539,21 +506,6 @@ def format_table(result):
     return "\n".join([title] + notes + [""] + lines)
 
 
-def write_json(path, payload):
-    """Atomically write `payload` as JSON; a non-finite number becomes null (JSON has no NaN)."""
-    atomic_write_bytes(path, (json.dumps(_finite(payload), indent=2, allow_nan=False) + "\n").encode())
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # The GPU check: the benchmark and one epoch of configurations 2 and 6 on the real data
 
@@ -565,7 +517,7 @@ def default_data_folder():
 
 def epoch_run(exp_id, args, device):
     """One training epoch of preset `exp_id` on the real data via run_exp; its figures."""
-    pretrained = os.path.join(args.data_folder, "embeddings.npz")
+    pretrained = os.path.join(args.data_folder, EMBEDDINGS_FILE)
     embeddings = None if os.path.isfile(pretrained) else "none"
     config = resolve_config(exp_id, data_folder=args.data_folder, embeddings=embeddings, epochs=1,
                             batch_size=args.batch_size, sequence_length=args.sequence_length,
@@ -655,7 +607,7 @@ def model_list(text):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     add("--quick", action="store_true",
@@ -688,8 +640,8 @@ def main(argv=None):
         if args.gpu_check:
             args.data_folder = args.data_folder or default_data_folder()
             args.json = args.json or "gpu_check.json"
-            for split in ("train", "validation", "test"):
-                path = os.path.join(args.data_folder, f"wiki.{split}.npz")
+            for split in SPLITS:
+                path = split_path(args.data_folder, split)
                 if not os.path.isfile(path):
                     raise UsageError(f"--gpu-check needs the real data: {path} is missing (give "
                                          "--data_folder, or make it with `python -m utils.prepare_data`)")
@@ -706,7 +658,7 @@ def main(argv=None):
             say(f"wrote {args.json}")
         return 1 if result["errors"] else 0
     except UsageError as error:
-        return fail("python -m utils.benchmark", error)
+        return fail(PROG, error)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,10 @@
 """The one checkpoint format: its writer and its reader (`utils.models.load_checkpoint` rebuilds the model).
 
-A checkpoint is a dict saved with `torch.save` and read back with `weights_only=True`:
-
-    {"format": "wikitext2-lm-checkpoint/1", "config": ExperimentConfig.to_dict(),
-     "model_size": {"vocabulary_size", "embedding_size", "sequence_length"},
-     "model": state_dict, "optimizer": state_dict or None, "scheduler": state_dict or None,
-     "grad_scaler": GradScaler state_dict ({} without loss scaling) or None (absent in older
-     files), "epoch": finished epochs, "steps": optimizer steps so far, "state": the loop's resumable
-     bookkeeping (JSON-like), "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}}
-
-After the pickled dict, the file ends with one line `wikitext2-lm-sha256:<hex>` holding the
-sha256 of the bytes before it, so that a damaged file is refused rather than trained on (PyTorch's
-reader ignores the line). Files written before the digest existed still load, with a warning.
-
-Whole modules are never pickled: a model is rebuilt from the config and its state_dict loaded.
+A checkpoint is a dict saved with `torch.save` and read back with `weights_only=True` (its keys:
+docs/FORMATS.md). It ends with one line holding the sha256 of the bytes before it, so that a
+damaged file is refused rather than trained on; files written before the digest existed still
+load, with a warning. Whole modules are never pickled: a model is rebuilt from the config and its
+state_dict loaded.
 """
 import hashlib
 import io
@@ -24,7 +15,7 @@ import zipfile
 
 import torch
 
-from utils.data_utils import atomic_write_bytes
+from utils.files import atomic_write_bytes
 from utils.torch_utils import unwrap
 
 CHECKPOINT_FORMAT = "wikitext2-lm-checkpoint/1"

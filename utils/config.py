@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from utils.data_folder import EMBEDDINGS_FILE
+
 MODELS = ("lstm", "gpt1")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -46,7 +48,7 @@ class ExperimentConfig:
     limit_batches: Optional[int] = None
     max_steps: Optional[int] = None
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older ones, fp32 elsewhere
-    fused: bool = True  # the fast path (fused kernels, chunked loss); False: the reference path
+    fused: bool = True  # the fused path (fused kernels, chunked loss); False: the reference path
     compile: bool = False
 
     def __post_init__(self):
@@ -94,7 +96,7 @@ class ExperimentConfig:
         if self.learn_embeddings:
             return None
         if self.embeddings == DEFAULT_EMBEDDINGS:
-            return os.path.join(self.data_folder, "embeddings.npz")
+            return os.path.join(self.data_folder, EMBEDDINGS_FILE)
         return self.embeddings
 
     def to_dict(self):

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import resolve_device
-from utils.fast_path import BatchLoss
+from utils.batch_loss import BatchLoss
 from utils.language_model import LanguageModel, perplexity
 from utils.torch_utils import to_device
 

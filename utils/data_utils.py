@@ -1,43 +1,13 @@
-"""The one JSON log format of a run: its writer and the reader every consumer uses.
+"""The one JSON log format of a run, `LOG_DIR/EXP_ID/log.json`: its writer and the reader every
+consumer uses; and `save_logs`, the course's own text logs.
 
-A run writes `LOG_DIR/EXP_ID/log.json`, rewritten atomically after every epoch:
-
-    {
-      "format": "wikitext2-lm-log/1",
-      "exp_id": "6", "status": "running" | "finished" | "failed" | "stopped",
-      "message": null or why the run stopped,
-      "config": {...ExperimentConfig...},
-      "environment": {"python", "torch", "numpy", "platform", "device", "device_name", "cuda", "cudnn",
-                      "world_size", "autocast" (bf16 | fp16 | fp32), "precision_reason", "fused",
-                      "compile"},
-      "parameters": {"total": int, "learnable": int},
-      "epochs": [  # one entry per finished epoch, epoch numbers from 1
-        {"epoch", "steps", "train_loss", "train_ppl", "valid_loss", "valid_ppl",
-         "train_seconds", "valid_seconds", "cumulative_seconds",
-         "train_tokens", "train_tokens_per_second", "valid_tokens_per_second", "lr",
-         "gpu_memory_mb": {"steady", "steady_source" ("nvml": as nvidia-smi shows it, or
-                           "torch_reserved": without the CUDA context), "peak_allocated",
-                           "peak_reserved"} or null,
-         "cpu_rss_mb"}
-      ],
-      "best": {"epoch", "valid_loss", "valid_ppl"} or null,
-      "test": {"epoch", "loss", "ppl"} or null,
-      # the course's flat lists, for plotting code written against its logs:
-      "train_losses", "valid_losses", "train_ppls", "valid_ppls", "train_times", "valid_times",
-      "test_loss", "test_ppl"
-    }
-
-Losses are per-token mean NLL in nats; a perplexity is exp(summed NLL / number of real tokens).
-
-The course's own starter `run_exp.py` logs instead through `save_logs`, into `LOG_DIR/EXP_ID/`:
-`args.json` (the arguments' attributes, JSON indented by 2), one value per line without a final
-newline in `{train,valid}_{loss,ppl,time}.txt` (one line per epoch), and one value followed by a
-newline in `test_{loss,ppl,time}.txt`. Each value is written as `str()` writes it.
+The fields of both are in docs/FORMATS.md. Losses are per-token mean NLL in nats; a perplexity is
+exp(summed NLL / number of real tokens).
 """
 import json
-import math
 import os
-import tempfile
+
+from utils.files import atomic_write_bytes, write_json
 
 LOG_FORMAT = "wikitext2-lm-log/1"
 LOG_NAME = "log.json"
@@ -47,56 +17,6 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_ppl", "valid_loss", "valid_ppl", "
 
 class LogError(ValueError):
     """A log file that cannot be read or does not follow the format; the message names the file."""
-
-
-def current_umask():
-    """The process's umask: from /proc where Linux gives it, else by setting it and back at once
-    (which another thread could observe)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file and a rename: a crash leaves old or new."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        if isinstance(error, OSError) and error.filename is None:  # a failed write() names no file
-            raise OSError(error.errno, error.strerror, path) from error
-        raise
-
-
-def _finite_or_none(value):
-    # JSON has no NaN/Infinity; a diverged run's figure is written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _clean(value):
-    if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(item) for item in value]
-    return _finite_or_none(value)
 
 
 def course_lists(log):
@@ -119,8 +39,7 @@ def write_log(path, log):
     """Atomically write a run's log (a dict as described above) to `path` as JSON."""
     log = dict(log, format=LOG_FORMAT)
     log.update(course_lists(log))
-    text = json.dumps(_clean(log), indent=2, sort_keys=False, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    write_json(path, log)
 
 
 def read_log(path):
@@ -182,7 +101,7 @@ COURSE_TEST_FILES = ("test_loss", "test_ppl", "test_time")
 
 def save_logs(args, train_losses, train_ppls, train_times, valid_losses, valid_ppls, valid_times,
               test_loss, test_ppl, test_time):
-    """Write the course's text logs (see the module docstring) for the course's `run_exp.py`.
+    """Write the course's text logs (docs/FORMATS.md) for the course's `run_exp.py`.
 
     `args` is the script's argparse Namespace (or the notebook's dataclass): any object whose
     attributes include `log_dir` and `exp_id`; all its attributes go to `args.json`. Returns the

@@ -1,28 +1,16 @@
 """Pinned remote files, fetched and checked; rows of tensors read out of a remote safetensors file.
 
-    fetch_file(remote, folder, mirror, policy)                  path of a checked copy
-    fetch_into(remote, folder, mirror, policy)                  a checked copy at folder/NAME
-    read_safetensors_rows(remote, folder, rows_by_name, ...)    rows of some tensors
+    Fetcher(mirror, policy, progress)                    where files come from, and how hard to try
+    fetch_file(fetcher, remote, folder)                  the path of a checked copy
+    fetch_into(fetcher, remote, folder)                  a checked copy at folder/NAME
+    read_safetensors_rows(fetcher, remote, folder, rows) rows of some tensors, by range requests
 
-Two kinds of remote file:
-
-    HubFile     a file of a Hugging Face Hub repository at a pinned commit. huggingface_hub fetches
-                it into its cache or takes it from there, with the Hub client's own settings:
-                HF_ENDPOINT (a mirror of the Hub), HF_TOKEN, HF_HOME / HF_HUB_CACHE (the cache,
-                ~/.cache/huggingface/hub by default), HF_HUB_OFFLINE (no request at all).
-    RemoteFile  a file at a plain URL, not on the Hub: downloaded to `folder/NAME.part`, resumed
-                from there after a failure (a Range request for the rest), checked, then renamed.
-                A failure that may pass (5xx, timeout, reset, early end) is retried, waiting
-                longer each time.
-
-Every file is checked against its pinned size and sha256 before use; a cached or downloaded file
-that fails is deleted and never used. `--mirror DIR` takes every file by its name from a local
-folder (checked in place), `--mirror URL` from `URL/<name>`, as a plain download.
-
-Some tensors of a safetensors checkpoint are read from the whole file where it is at hand (the Hub
-cache, a mirror folder); otherwise only the header and those rows are fetched, by range requests.
-Rows so read from the Hub are kept in the Hugging Face assets cache (HF_HOME/assets), so that a
-later run, offline included, finds them there.
+A HubFile (a Hub repository's file at a pinned commit) comes through huggingface_hub, its cache and
+its settings (HF_ENDPOINT, HF_TOKEN, HF_HOME, HF_HUB_OFFLINE); a RemoteFile (a plain URL) is
+downloaded to `folder/NAME.part`, retried and resumed after a failure that may pass. Every file is
+checked against its pinned size and sha256 before use; one that fails is deleted, never used.
+Errors: DownloadError (one file, one place, why) and StorageError (a folder that cannot be
+written); utils/prepare_data.py turns them into what the user reads. Details: data/README.md.
 """
 import contextlib
 import dataclasses
@@ -36,6 +24,7 @@ import shutil
 import socket
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 from huggingface_hub import (cached_assets_path, constants, hf_hub_download, hf_hub_url,
@@ -45,8 +34,10 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from huggingface_hub.utils import build_hf_headers, get_session, httpx
 from huggingface_hub.utils import tqdm as hub_tqdm
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_safetensors
 from tqdm import tqdm
+
+from utils.files import StorageError, atomic_write, atomic_write_bytes, storage_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +81,12 @@ class DownloadPolicy:
     chunk_bytes: int = 1 << 20
 
 
-class DataUnavailableError(RuntimeError):
-    """The data could not be obtained; the message is one line saying how to get it."""
-
-
 class DownloadError(RuntimeError):
     """One file could not be fetched from one place; the message names the place and why."""
 
 
 class ChecksumError(DownloadError):
     """A fetched file is not the pinned one; it has been deleted."""
-
-
-class StorageError(OSError):
-    """A folder cannot be written (permission, full disk...); the message says which and what to do."""
 
 
 class _RangeUnsupported(Exception):
@@ -121,30 +104,11 @@ _STORAGE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.E
 _RETRYABLE_STATUS = (408, 425, 429, 500, 502, 503, 504)
 
 
-def report_progress(progress, message):
-    """Print `message` on stderr when `progress` is on."""
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def storage_error(error, path, setting="--data_folder"):
-    """A StorageError saying what went wrong writing `path` and which `setting` to change."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if error.errno == errno.ENOSPC:
-        return StorageError(f"disk full while writing {path}: free some space in {folder} "
-                            f"or pick another {setting}, then run again to resume")
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StorageError(f"cannot write {path}: {error.strerror.lower()}; "
-                            f"pick a writable {setting}")
-    return StorageError(f"cannot write {path}: {(error.strerror or str(error)).lower()}; "
-                        f"pick another {setting}")
-
-
-def discard(path):
+def _discard(path):
     """Delete a file that failed its check; in the Hub cache, the snapshot's link and its blob."""
     for name in {path, os.path.realpath(path)}:
         with contextlib.suppress(FileNotFoundError):
@@ -152,10 +116,10 @@ def discard(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Where a file comes from
+# Where a file comes from, and how hard to try
 
 
-def mirror_kind(mirror):
+def _mirror_kind(mirror):
     """"dir", "url" or None for `mirror`; ValueError naming a value that is neither."""
     if mirror is None:
         return None
@@ -167,18 +131,45 @@ def mirror_kind(mirror):
                      "give a folder holding the files by name, or a base URL serving them")
 
 
-def remote_location(remote, mirror):
-    """The URL or local path `remote` is read from: its own URL unless a mirror is given."""
-    kind = mirror_kind(mirror)
-    if kind == "dir":
-        return os.path.join(mirror, remote.name)
-    if kind == "url":
-        return mirror.rstrip("/") + "/" + remote.name
-    return remote.url
+@dataclasses.dataclass(frozen=True)
+class Fetcher:
+    """Where pinned files come from and how: `mirror` (a folder holding them by name, a base URL
+    serving them, or None for each file's own home), the retry `policy`, and `progress` (bars and
+    messages on stderr). A `mirror` that is neither a folder nor a URL is a ValueError naming it."""
 
+    mirror: Optional[str] = None
+    policy: DownloadPolicy = DownloadPolicy()
+    progress: bool = True
 
-def _from_hub(remote, mirror):
-    return mirror is None and isinstance(remote, HubFile)
+    def __post_init__(self):
+        _mirror_kind(self.mirror)
+
+    @property
+    def mirror_kind(self):
+        """"dir", "url" or None."""
+        return _mirror_kind(self.mirror)
+
+    def location(self, remote):
+        """The URL or local path `remote` is read from: its own URL unless a mirror is given."""
+        if self.mirror_kind == "dir":
+            return os.path.join(self.mirror, remote.name)
+        if self.mirror_kind == "url":
+            return self.mirror.rstrip("/") + "/" + remote.name
+        return remote.url
+
+    def from_hub(self, remote):
+        """Whether `remote` comes through huggingface_hub (a HubFile, no mirror)."""
+        return self.mirror is None and isinstance(remote, HubFile)
+
+    def say(self, message):
+        """Print `message` on stderr when progress is on."""
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def discard(self, path):
+        """Delete a fetched file that proved unusable, unless it is the mirror folder's (the user's)."""
+        if self.mirror_kind != "dir":
+            _discard(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +223,7 @@ def _open_for_append(path):
     return open(path, "ab")
 
 
-def _get_once(url, sink, headers, byte_range, policy, progress, desc):
+def _get_once(fetcher, url, sink, headers, byte_range, desc):
     """One GET of `url` (or of `byte_range`), appended to what `sink` already holds.
 
     Raises _RangeUnsupported when a byte range was asked for and the server sent everything,
@@ -242,7 +233,7 @@ def _get_once(url, sink, headers, byte_range, policy, progress, desc):
     start, end = byte_range or (0, None)
     if have or byte_range:
         headers = {**headers, "Range": f"bytes={start + have}-{'' if end is None else end - 1}"}
-    with get_session().stream("GET", url, headers=headers, timeout=policy.timeout_s) as response:
+    with get_session().stream("GET", url, headers=headers, timeout=fetcher.policy.timeout_s) as response:
         if response.status_code == 416 and have and not byte_range:
             return  # nothing left to send: the part is whole; the caller checks it
         response.raise_for_status()
@@ -255,9 +246,9 @@ def _get_once(url, sink, headers, byte_range, policy, progress, desc):
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=desc, disable=not progress, leave=False) as progress_bar:
+                  desc=desc, disable=not (fetcher.progress and desc), leave=False) as progress_bar:
             try:
-                for chunk in response.iter_bytes(policy.chunk_bytes):
+                for chunk in response.iter_bytes(fetcher.policy.chunk_bytes):
                     try:
                         sink.write(chunk)
                     except OSError as error:
@@ -269,7 +260,7 @@ def _get_once(url, sink, headers, byte_range, policy, progress, desc):
                                     "bytes") from error
 
 
-def _download(url, sink, policy, progress, desc, headers=None, byte_range=None):
+def _download(fetcher, url, sink, desc, headers=None, byte_range=None):
     """Fill `sink` with the body of `url` (or its `byte_range`), retrying and resuming.
 
     A failure that may pass is retried after waiting backoff_s, 2*backoff_s...; the bytes already
@@ -277,9 +268,10 @@ def _download(url, sink, policy, progress, desc, headers=None, byte_range=None):
     URL and the last reason.
     """
     headers = {"Accept-Encoding": "identity", **(headers or {})}  # byte counts of the file itself
+    policy = fetcher.policy
     for attempt in range(policy.retries + 1):
         try:
-            _get_once(url, sink, headers, byte_range, policy, progress, desc)
+            _get_once(fetcher, url, sink, headers, byte_range, desc)
             return
         except (StorageError, _RangeUnsupported):
             raise
@@ -292,14 +284,14 @@ def _download(url, sink, policy, progress, desc, headers=None, byte_range=None):
         time.sleep(policy.backoff_s * 2 ** attempt)
 
 
-def _download_to_part(url, part, policy, progress, desc):
+def _download_to_part(fetcher, url, part, desc):
     """Fill the file `part` with `url`, resuming from what it holds (StorageError if unwritable)."""
     try:
         sink = _open_for_append(part)
     except OSError as error:
         raise storage_error(error, part) from error
     try:
-        _download(url, sink, policy, progress, desc)
+        _download(fetcher, url, sink, desc)
         try:
             sink.flush()
             os.fsync(sink.fileno())
@@ -349,7 +341,7 @@ def _hub_cached(remote, progress):
     problem = _check(remote, path, progress)
     if problem is None:
         return path
-    discard(path)
+    _discard(path)
     _warn(f"{path}: not the pinned {remote.name} ({problem}); deleted from the Hugging Face cache")
     return None
 
@@ -366,72 +358,68 @@ def _hub_error(error, remote):
     return DownloadError(f"{remote.url}: {_describe(error)}")
 
 
-def _fetch_from_hub(remote, policy, progress):
+def _fetch_from_hub(fetcher, remote):
     """Path of a checked copy of `remote` in the Hub cache, downloaded there when missing."""
-    path = _hub_cached(remote, progress)
+    path = _hub_cached(remote, fetcher.progress)
     if path is not None:
         return path
     try:
         path = hf_hub_download(remote.repo_id, remote.filename, revision=remote.revision,
-                               repo_type=remote.repo_type, etag_timeout=policy.timeout_s,
-                               tqdm_class=None if progress else _NoProgressBar)
+                               repo_type=remote.repo_type, etag_timeout=fetcher.policy.timeout_s,
+                               tqdm_class=None if fetcher.progress else _NoProgressBar)
     except (OSError, httpx.HTTPError) as error:
         raise _hub_error(error, remote) from error
-    problem = _check(remote, path, progress)
+    problem = _check(remote, path, fetcher.progress)
     if problem is not None:
-        discard(path)
+        _discard(path)
         raise ChecksumError(f"{remote.url}: not the pinned {remote.name} ({problem}); deleted")
-    report_progress(progress, f"fetched {remote.name} from {remote.url} into {path}")
+    fetcher.say(f"fetched {remote.name} from {remote.url} into {path}")
     return path
 
 
-def fetch_file(remote, folder, mirror=None, policy=DownloadPolicy(), progress=True):
+def fetch_file(fetcher, remote, folder):
     """Path of a checked copy of `remote`: in the Hub cache for a HubFile, in the mirror folder
-    for `--mirror DIR`, else at `folder/remote.name` (a plain download, kept there).
+    for a folder mirror, else at `folder/remote.name` (a plain download, kept there).
 
     Raises DownloadError (ChecksumError for a file that is not the pinned one, which is then
     deleted, or left unused in a mirror folder) and StorageError.
     """
-    location = remote_location(remote, mirror)
-    if mirror_kind(mirror) == "dir":
+    location = fetcher.location(remote)
+    if fetcher.mirror_kind == "dir":
         if not os.path.isfile(location):
             raise DownloadError(f"{location}: no such file in the mirror folder")
-        problem = _check(remote, location, progress)
+        problem = _check(remote, location, fetcher.progress)
         if problem is not None:
             raise ChecksumError(f"{location}: not the pinned {remote.name} ({problem}); not used")
         return location
-    if _from_hub(remote, mirror):
-        return _fetch_from_hub(remote, policy, progress)
+    if fetcher.from_hub(remote):
+        return _fetch_from_hub(fetcher, remote)
     target = os.path.join(folder, remote.name)
     if os.path.exists(target) and _check(remote, target) is None:
         return target
     part = target + ".part"
-    _download_to_part(location, part, policy, progress, remote.name)
-    problem = _check(remote, part, progress)
+    _download_to_part(fetcher, location, part, remote.name)
+    problem = _check(remote, part, fetcher.progress)
     if problem is not None:
         os.remove(part)
         raise ChecksumError(f"{location}: not the pinned {remote.name} ({problem}); deleted")
     os.replace(part, target)
-    report_progress(progress, f"fetched {remote.name} ({os.path.getsize(target):,} bytes) "
-                              f"from {location}")
+    fetcher.say(f"fetched {remote.name} ({os.path.getsize(target):,} bytes) from {location}")
     return target
 
 
-def fetch_into(remote, folder, mirror=None, policy=DownloadPolicy(), progress=True):
+def fetch_into(fetcher, remote, folder):
     """A checked copy of `remote` at `folder/remote.name` (a file the folder itself must hold,
-    such as the tokenizer's), copied from where fetch_file put it."""
+    such as the tokenizer's), copied from where `fetch_file` put it."""
     target = os.path.join(folder, remote.name)
     if os.path.exists(target) and _check(remote, target) is None:
         return target
-    path = fetch_file(remote, folder, mirror, policy, progress)
+    path = fetch_file(fetcher, remote, folder)
     if path != target:
-        part = target + ".part"
         try:
-            shutil.copyfile(path, part)
-            os.replace(part, target)
+            with open(path, "rb") as source, atomic_write(target) as copy:
+                shutil.copyfileobj(source, copy)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                os.remove(part)
             raise storage_error(error, target) from error
     return target
 
@@ -488,12 +476,12 @@ def _as_float32(data, dtype, shape):
     return array.astype(np.float32).reshape(shape)
 
 
-def _read_tensors_ranged(url, headers, rows_by_name, policy, progress):
+def _read_tensors_ranged(fetcher, url, headers, rows_by_name):
     """name -> float32 rows, fetching only the header and those rows (_RangeUnsupported if the
     server sends whole files)."""
     def fetch(start, end, desc=None):
         sink = io.BytesIO()
-        _download(url, sink, policy, progress and desc is not None, desc, headers, (start, end))
+        _download(fetcher, url, sink, desc, headers, (start, end))
         if sink.tell() != end - start:
             raise DownloadError(f"{url}: got {sink.tell():,} bytes of range {start}-{end}")
         return sink.getvalue()
@@ -550,26 +538,20 @@ def _kept_rows(path, rows_by_name):
             return arrays
     except SafetensorError:
         pass
-    discard(path)
+    _discard(path)
     _warn(f"{path}: kept tensor rows that fail their check; deleted")
     return None
 
 
 def _keep_rows(path, arrays, rows_by_name):
     """Keep rows read by ranges at `path` for later runs (a warning if it cannot be written)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        save_file(arrays, temporary, metadata=_rows_metadata(arrays, rows_by_name))
-        os.replace(temporary, path)
+        atomic_write_bytes(path, save_safetensors(arrays, metadata=_rows_metadata(arrays, rows_by_name)))
     except OSError as error:
         _warn(f"{storage_error(error, path, 'HF_HOME')} (rows read now are not kept)")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
 
 
-def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=DownloadPolicy(),
-                          progress=True):
+def read_safetensors_rows(fetcher, remote, folder, rows_by_name):
     """name -> float32 array of the first `rows` rows of each 2-D tensor of `rows_by_name`.
 
     `rows_by_name` maps a tensor's name (also found under a prefix such as "transformer.") to
@@ -580,8 +562,8 @@ def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=Down
     (ChecksumError for a file that is not the pinned one).
     """
     kept = None
-    if _from_hub(remote, mirror):
-        path = _hub_cached(remote, progress)
+    if fetcher.from_hub(remote):
+        path = _hub_cached(remote, fetcher.progress)
         if path is not None:
             return _read_tensors_local(path, rows_by_name)
         kept = _kept_rows_path(remote)
@@ -592,21 +574,20 @@ def read_safetensors_rows(remote, folder, rows_by_name, mirror=None, policy=Down
             raise DownloadError(f"{remote.url}: neither it nor the rows read from it are in the "
                                 "Hugging Face cache, and HF_HUB_OFFLINE is set")
         url, headers = remote.url, build_hf_headers()
-    elif mirror_kind(mirror) == "dir":
-        return _read_tensors_local(fetch_file(remote, folder, mirror, policy, progress),
-                                   rows_by_name)
+    elif fetcher.mirror_kind == "dir":
+        return _read_tensors_local(fetch_file(fetcher, remote, folder), rows_by_name)
     else:
-        url, headers = remote_location(remote, mirror), {}
+        url, headers = fetcher.location(remote), {}
     try:
-        arrays = _read_tensors_ranged(url, headers, rows_by_name, policy, progress)
+        arrays = _read_tensors_ranged(fetcher, url, headers, rows_by_name)
     except _RangeUnsupported:
-        report_progress(progress, f"{url} ignores range requests: fetching the whole file")
-        path = fetch_file(remote, folder, mirror, policy, progress)
+        fetcher.say(f"{url} ignores range requests: fetching the whole file")
+        path = fetch_file(fetcher, remote, folder)
         try:
             return _read_tensors_local(path, rows_by_name)
         finally:
-            if not _from_hub(remote, mirror):
-                os.remove(path)  # the whole checkpoint (479 MB for GPT-1), no longer needed
+            if not fetcher.from_hub(remote):
+                os.remove(path)  # the whole checkpoint, no longer needed
     if kept is not None:
         _keep_rows(kept, arrays, rows_by_name)
     return arrays

@@ -8,27 +8,8 @@
 Legend: B batch (the samples), T time, V vocabulary.
 
 Both models are driven through `step(new_tokens, state)` (utils/language_model.py), so nothing here
-asks which model it has: the LSTM is fed only the newest token and carries its `(h, c)`, the GPT
-re-reads its context cut to the last `sequence_length` tokens. The models have no start-of-text
-token, so generation needs a prompt of at least one token.
-
-Choosing the next token from the log-probabilities `(B, V)` of a step:
-
-    padding (id 0) -> -inf                      never sampled
-    temperature 0  -> argmax                    greedy, deterministic
-    otherwise      -> / temperature, keep the top_k best, keep the smallest set whose
-                      probability reaches top_p, sample with the given torch.Generator
-
-Scoring cuts the text as the data loader cuts a split (utils/wikitext2.py, break_mode "none")
-into windows of `sequence_length + 1` tokens overlapping by one, and scores each window from an
-empty context (the LSTM from zero states), as validation does:
-
-    ids      a b c d e f g h i j k              (window = 4)
-    windows  [a b c d e] [e f g h i] [i j k]
-    scored     b c d e     f g h i     j k       every token but the first, once
-
-so the perplexity, exp(summed NLL / number of scored tokens), is the logs' figure on the same ids.
-The tokenizer (`vocab.json`, `merges.txt`) is read from the checkpoint's recorded data folder, or
+asks which model it has. The models have no start-of-text token, so generation needs a prompt of
+at least one token. The tokenizer is read from the checkpoint's recorded data folder, or
 `--data_folder`, and fetched there when it is missing.
 """
 import math
@@ -39,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError
-from utils.cli import OneLineParser, UsageError, one_line_warnings, resolve_device
-from utils.download import DataUnavailableError, DownloadError, fetch_into
+from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, resolve_device
 from utils.language_model import perplexity, token_nll
 from utils.models import load_checkpoint
-from utils.tokenization import PADDING_ID, TOKENIZER_FILES, GPT1Tokenizer
+from utils.prepare_data import fetch_tokenizer
+from utils.tokenization import PADDING_ID, GPT1Tokenizer
 from utils.wikitext2 import chunk_bounds
+
+PROG = "python -m utils.generate"
 
 
 # Beyond these a call is a slip of the keyboard, not a request: a billion tokens would run for days
@@ -74,7 +57,13 @@ def check_sampling(temperature, top_k=None, top_p=None):
 
 
 def choose_next(log_probas, temperature=0.8, top_k=None, top_p=None, generator=None):
-    """Next token ids `(B,)` from log-probabilities `(B, V)`; padding is never chosen."""
+    """Next token ids `(B,)` from log-probabilities `(B, V)`; padding is never chosen.
+
+        padding (id 0) -> -inf                      never sampled
+        temperature 0  -> argmax                    greedy, deterministic
+        otherwise      -> / temperature, keep the top_k best, keep the smallest set whose
+                          probability reaches top_p, sample with the given torch.Generator
+    """
     logits = log_probas.float().clone()  # (B, V)
     logits[:, PADDING_ID] = -math.inf
     if temperature == 0:
@@ -136,9 +125,16 @@ def score(model, ids, window=None, batch_size=8):
     """How well `model` predicts `ids`: `{"loss", "ppl", "tokens"}`.
 
     `loss` is the mean NLL in nats of every token but the first, `ppl` its exp, `tokens` their
-    number. The ids are cut into windows of `window + 1` tokens overlapping by one (see the module
-    docstring), each scored from an empty context; `window` defaults to the model's
-    `sequence_length` (256 for a model without one).
+    number. The ids are cut as the data loader cuts a split (utils/wikitext2.py, break_mode
+    "none"), into windows of `window + 1` tokens overlapping by one, each scored from an empty
+    context (the LSTM from zero states) as validation does; `window` defaults to the model's
+    `sequence_length` (256 for a model without one):
+
+        ids      a b c d e f g h i j k              (window = 4)
+        windows  [a b c d e] [e f g h i] [i j k]
+        scored     b c d e     f g h i     j k       every token but the first, once
+
+    so the perplexity, exp(summed NLL / number of scored tokens), is the logs' figure on the same ids.
     """
     ids = [int(index) for index in ids]
     if len(ids) < 2:
@@ -167,21 +163,12 @@ def score(model, ids, window=None, batch_size=8):
 
 
 def load_tokenizer(folder):
-    """The GPT-1 tokenizer of `folder`, fetching `vocab.json` and `merges.txt` there when missing."""
+    """The GPT-1 tokenizer of `folder`, fetching `vocab.json` and `merges.txt` there when missing
+    (DataUnavailableError, saying how to get them, when they cannot be had)."""
     try:
         return GPT1Tokenizer.from_folder(folder)
     except FileNotFoundError:
-        pass
-    try:
-        os.makedirs(folder, exist_ok=True)
-        for remote in TOKENIZER_FILES:
-            fetch_into(remote, folder)
-    except (DownloadError, OSError) as error:
-        raise DataUnavailableError(
-            f"the GPT-1 tokenizer (vocab.json, merges.txt) is not in {folder} and could not be "
-            f"fetched ({error}); run `python -m utils.prepare_data --data_folder {folder}` with "
-            "network access, or pass --data_folder FOLDER holding those two files") from None
-    return GPT1Tokenizer.from_folder(folder)
+        return fetch_tokenizer(folder)
 
 
 def read_score_text(text_or_file):
@@ -201,7 +188,7 @@ def encode_text(tokenizer, text):
 
 
 def _parser():
-    parser = OneLineParser(prog="python -m utils.generate",
+    parser = OneLineParser(prog=PROG,
                            description="Generate text with a trained checkpoint, or score a text.")
     parser.add_argument("--checkpoint", required=True, help="LOG_DIR/EXP_ID/best.pt or last.pt")
     parser.add_argument("--prompt", default=None, help="text to continue (lowercased and tokenized "
@@ -225,7 +212,7 @@ def _parser():
 def run(args):
     """Do what the parsed `args` ask.
 
-    Raises ValueError, UsageError, CheckpointError or DataUnavailableError on bad input.
+    Raises ValueError, UsageError (DataUnavailableError among them) or CheckpointError on bad input.
     """
     if args.score is None:
         check_sampling(args.temperature, args.top_k, args.top_p)
@@ -274,9 +261,8 @@ def main(argv=None):
         return exit_.code
     try:
         return run(args)
-    except (CheckpointError, DataUnavailableError, FileNotFoundError, UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (CheckpointError, FileNotFoundError, UsageError, ValueError) as error:
+        return fail(PROG, error, 2)
 
 
 if __name__ == "__main__":

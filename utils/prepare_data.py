@@ -3,55 +3,40 @@
     python -m utils.prepare_data [--data_folder data] [--mirror URL_OR_DIR] [--skip_embeddings]
                                  [--verify] [--force]
 
-What it makes in `--data_folder` (see `data/README.md`):
-
-    wiki.{train,validation,test}.npz   `tokens` uint16 (GPT-1 id + 1), `sizes` int64 (tokens per
-                                       non-empty line of WikiText-2 raw)
-    vocab.json, merges.txt             the GPT-1 tokenizer (generation decodes with it)
-    embeddings.npz                     `tokens` (40479, 768) = zero row + GPT-1's token
-                                       embeddings, `position` (256, 768), float32
-    sources/                           files from plain URLs and their partial downloads (`*.part`)
-
-and from where (every remote file is pinned: repository and commit or URL, name, sha256):
-
-    WikiText-2 raw   wikitext-2-raw-v1.zip of the Hub dataset ggml-org/ci, then of
-                     wikitext.smerity.com, then the parquet files of the Hub dataset
-                     Salesforce/wikitext (only if pyarrow is installed)
-    tokenizer        vocab.json, merges.txt of the Hub model openai-community/openai-gpt
-    embeddings       two tensors of that model's model.safetensors, fetched with HTTP range
-                     requests (about 125 MB of its 479 MB) unless the whole file is at hand
-
-Files on the Hub are fetched by huggingface_hub into its cache (HF_HOME, ~/.cache/huggingface),
-or taken from there; HF_ENDPOINT names a mirror of the Hub, HF_TOKEN a token, HF_HUB_OFFLINE=1
-forbids any request. `--mirror DIR` takes every file by its name from a local folder, `--mirror
-URL` from `URL/<name>`. A file that fails its check is deleted (never used) and reported.
-
-`--verify` compares the arrays in `--data_folder` with the sha256 of the course's official
-arrays; a build runs the same check at its end. The fetching itself is `utils/download.py`.
+makes `wiki.{train,validation,test}.npz`, `vocab.json`, `merges.txt` and `embeddings.npz` in
+`--data_folder` (utils/data_folder.py) from pinned remote files: WikiText-2 raw, and GPT-1's
+tokenizer and embeddings (`DEFAULT_SOURCES`; where each comes from, the Hugging Face cache, mirrors
+and offline use: data/README.md). The fetching is utils/download.py; this module is its border,
+where a download that fails becomes one DataUnavailableError line saying how to get the files.
+`--verify` compares the arrays with the sha256 of the course's official arrays; a build runs the
+same check at its end.
 """
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import itertools
 import os
 import sys
-import tempfile
 import time
 import zipfile
 
 import numpy as np
 from huggingface_hub import constants
 
-from utils.cli import OneLineParser
-from utils.download import (DataUnavailableError, DownloadError, DownloadPolicy, HubFile,
-                            RemoteFile, StorageError, discard, fetch_file, fetch_into, mirror_kind,
-                            read_safetensors_rows, remote_location, report_progress, storage_error)
+from utils.cli import OneLineParser, UsageError, fail
+from utils.data_folder import DATA_FILES, EMBEDDINGS_FILE, SPLITS
+from utils.download import (DownloadError, DownloadPolicy, Fetcher, HubFile, RemoteFile, fetch_file,
+                            fetch_into, read_safetensors_rows)
+from utils.files import StorageError, atomic_write, check_writable_folder, storage_error
 from utils.tokenization import GPT1_REPO, GPT1_REVISION, TOKENIZER_FILES, GPT1Tokenizer
 
-SPLITS = ("train", "validation", "test")
-DATA_FILES = ("wiki.train.npz", "wiki.validation.npz", "wiki.test.npz")
-EMBEDDINGS_FILE = "embeddings.npz"
+class DataUnavailableError(UsageError):
+    """The data could not be fetched, built or written; the message is one line saying what to do."""
+
+
 SOURCES_FOLDER = "sources"
+PROG = "python -m utils.prepare_data"
 POSITION_ROWS = 256  # the course kept GPT-1's first 256 of 512 position embeddings
 
 # sha256 of the course's official `tokens` arrays (as little-endian uint16 bytes); see
@@ -140,7 +125,7 @@ DEFAULT_SOURCES = Sources(
 # WikiText-2 raw
 
 
-def _document_lines(text):
+def document_lines(text):
     """The non-empty lines of a split, each one document (line ends as Python's text files)."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return [line for line in lines if line.strip()]
@@ -150,7 +135,7 @@ def _zip_splits(source, path):
     """split -> documents of a WikiText zip; DownloadError for an archive not laid out as expected."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return {split: _document_lines(archive.read(source.members[split]).decode("utf-8"))
+            return {split: document_lines(archive.read(source.members[split]).decode("utf-8"))
                     for split in SPLITS}
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as error:
         raise DownloadError(f"{path}: not a WikiText-2 raw archive ({error})") from error
@@ -165,25 +150,22 @@ def _parquet_splits(paths):
             for split, path in paths.items()}
 
 
-def _fetch_wikitext(source, folder, mirror, policy, progress):
+def _fetch_wikitext(fetcher, source, folder):
     """split -> documents from one WikiText source (DownloadError when it fails)."""
     if isinstance(source, ZipText):
-        path = fetch_file(source.archive, folder, mirror, policy, progress)
+        path = fetch_file(fetcher, source.archive, folder)
         try:
             return _zip_splits(source, path)
         except DownloadError:
-            if mirror_kind(mirror) != "dir":  # never used again; a mirror folder is the user's
-                discard(path)
+            fetcher.discard(path)  # never to be used again
             raise
-    if importlib.util.find_spec("pyarrow") is None:  # known before downloading 8 MB for nothing
+    if importlib.util.find_spec("pyarrow") is None:  # known before downloading the files for nothing
         raise DownloadError("parquet source skipped: it needs pyarrow (pip install pyarrow)")
-    paths = {split: fetch_file(remote, folder, mirror, policy, progress)
-             for split, remote in source.parquet.items()}
+    paths = {split: fetch_file(fetcher, remote, folder) for split, remote in source.parquet.items()}
     return _parquet_splits(paths)
 
 
-def read_wikitext(folder, sources=DEFAULT_SOURCES, mirror=None, policy=DownloadPolicy(),
-                  progress=True):
+def read_wikitext(folder, sources=DEFAULT_SOURCES, fetcher=Fetcher()):
     """split -> non-empty lines of WikiText-2 raw, from the first source that works.
 
     Plain downloads go to `folder`, Hub files to the Hub cache. Returns (documents, used,
@@ -192,35 +174,44 @@ def read_wikitext(folder, sources=DEFAULT_SOURCES, mirror=None, policy=DownloadP
     """
     failures, tried = [], set()
     for source in sources.wikitext:
-        locations = tuple(remote_location(remote, mirror) for remote in source.files)
+        locations = tuple(fetcher.location(remote) for remote in source.files)
         if locations in tried:  # two homes of one file name read from the same mirror
             continue
         tried.add(locations)
         try:
-            documents = _fetch_wikitext(source, folder, mirror, policy, progress)
+            documents = _fetch_wikitext(fetcher, source, folder)
             return documents, ", ".join(locations), failures
         except DownloadError as error:
             failures.append(str(error))
     raise DownloadError("; ".join(failures))
 
 
-def _unavailable_message(what, failures, sources, folder):
-    """One line: what failed and why, and the two ways to get the files."""
-    names = [remote.name for remote in sources.wikitext[0].files]
-    names += [sources.vocab.name, sources.merges.name, sources.checkpoint.name]
-    command = f"python -m utils.prepare_data --data_folder {folder}"
-    if constants.HF_HUB_OFFLINE:
-        command = f"HF_HUB_OFFLINE=0 {command}"
-    return (f"cannot get {what}: {'; '.join(failures)}. Run `{command}` with network access, or "
-            f"put {', '.join(names)} in a folder and add `--mirror FOLDER`")
+@contextlib.contextmanager
+def obtaining(what, sources, folder):
+    """The border with utils/download.py: what fetching, building or writing `what` raised becomes
+    the one DataUnavailableError the user reads (a DownloadError with the two ways to get the files)."""
+    try:
+        yield
+    except DownloadError as error:
+        names = [remote.name for remote in sources.wikitext[0].files]
+        names += [sources.vocab.name, sources.merges.name, sources.checkpoint.name]
+        command = f"{PROG} --data_folder {folder}"
+        if constants.HF_HUB_OFFLINE:
+            command = f"HF_HUB_OFFLINE=0 {command}"
+        raise DataUnavailableError(
+            f"cannot get {what}: {error}. Run `{command}` with network access, or put "
+            f"{', '.join(names)} in a folder and add `--mirror FOLDER`") from error
+    except StorageError as error:  # its message names the file and what to do
+        raise DataUnavailableError(str(error)) from error
+    except ValueError as error:  # source files that are not what their pins promise
+        raise DataUnavailableError(f"cannot build {what} in {folder}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
 # GPT-1 embeddings from model.safetensors
 
 
-def read_checkpoint_tensors(folder, sources=DEFAULT_SOURCES, mirror=None, policy=DownloadPolicy(),
-                            progress=True):
+def read_checkpoint_tensors(folder, sources=DEFAULT_SOURCES, fetcher=Fetcher()):
     """(token rows, first POSITION_ROWS position rows) of GPT-1's checkpoint as float32.
 
     Read from the whole checkpoint where it is at hand (the Hub cache, a mirror folder, checked
@@ -228,8 +219,7 @@ def read_checkpoint_tensors(folder, sources=DEFAULT_SOURCES, mirror=None, policy
     requests (see utils.download.read_safetensors_rows).
     """
     rows_by_name = {sources.token_tensor: None, sources.position_tensor: POSITION_ROWS}
-    arrays = read_safetensors_rows(sources.checkpoint, folder, rows_by_name, mirror, policy,
-                                   progress)
+    arrays = read_safetensors_rows(fetcher, sources.checkpoint, folder, rows_by_name)
     return arrays[sources.token_tensor], arrays[sources.position_tensor]
 
 
@@ -250,23 +240,13 @@ def build_embeddings(token_rows, position_rows, vocabulary_size):
 # Writing and checking the arrays
 
 
-def _save_npz_atomic(path, arrays, compress):
-    """Write an npz through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    # Named by process so that two runs cannot write into one file; `open` keeps the umask's mode.
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+def _save_npz(path, arrays, compress):
+    """Write an npz through `atomic_write` (StorageError, saying what to do, when it cannot)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(temporary, "wb") as file:
+        with atomic_write(path) as file:
             (np.savez_compressed if compress else np.savez)(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
     except OSError as error:
         raise storage_error(error, path) from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def tokenize_documents(tokenizer, documents):
@@ -315,109 +295,84 @@ def verify(data_folder):
 # The whole job
 
 
-def _prepare_folder(folder):
-    """Create `folder` and check that files can be written there (StorageError otherwise)."""
-    try:
-        os.makedirs(os.path.join(folder, SOURCES_FOLDER), exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        reason = (error.strerror or str(error)).lower()
-        raise StorageError(f"cannot write in data folder {folder}: {reason}; "
-                           "pick another --data_folder") from error
+def fetch_tokenizer(folder, fetcher=Fetcher(), sources=None):
+    """The GPT-1 tokenizer, its vocab.json and merges.txt fetched into `folder` when missing
+    (DataUnavailableError, saying how to get them, when they cannot be had)."""
+    sources = sources or DEFAULT_SOURCES
+    with obtaining("the GPT-1 tokenizer", sources, folder):
+        for remote in (sources.vocab, sources.merges):
+            fetch_into(fetcher, remote, folder)
+        return GPT1Tokenizer.from_folder(folder)
 
 
-def _fetch_tokenizer(folder, sources, mirror, policy, progress):
-    """vocab.json and merges.txt in `folder` (DataUnavailableError when they cannot be had)."""
-    for remote in (sources.vocab, sources.merges):
-        try:
-            fetch_into(remote, folder, mirror, policy, progress)
-        except DownloadError as error:
-            raise DataUnavailableError(_unavailable_message(
-                "the GPT-1 tokenizer", [str(error)], sources, folder)) from error
-    return GPT1Tokenizer.from_folder(folder)
-
-
-def _build_splits(folder, tokenizer, sources, mirror, policy, progress, report):
+def _build_splits(folder, tokenizer, sources, fetcher, report):
     """Fetch WikiText-2 raw, tokenize it and write the three npz files."""
-    try:
-        documents, used, failures = read_wikitext(os.path.join(folder, SOURCES_FOLDER), sources,
-                                                  mirror, policy, progress)
-    except DownloadError as error:
-        raise DataUnavailableError(_unavailable_message(
-            "WikiText-2 raw", [str(error)], sources, folder)) from error
+    documents, used, failures = read_wikitext(os.path.join(folder, SOURCES_FOLDER), sources, fetcher)
     report["wikitext"] = {"source": used, "failed_sources": failures}
     for split, name in zip(SPLITS, DATA_FILES):
         start = time.perf_counter()
         arrays = tokenize_documents(tokenizer, documents[split])
-        _save_npz_atomic(os.path.join(folder, name), arrays, compress=True)
+        _save_npz(os.path.join(folder, name), arrays, compress=True)
         report["splits"][split] = {"documents": int(arrays["sizes"].size),
                                    "tokens": int(arrays["tokens"].size)}
-        report_progress(progress, f"{split}: {arrays['sizes'].size:,} documents, "
-                                  f"{arrays['tokens'].size:,} tokens in "
-                                  f"{time.perf_counter() - start:.1f} s -> {name}")
+        fetcher.say(f"{split}: {arrays['sizes'].size:,} documents, {arrays['tokens'].size:,} tokens "
+                    f"in {time.perf_counter() - start:.1f} s -> {name}")
 
 
-def _build_embeddings(folder, path, tokenizer, sources, mirror, policy, progress, report):
+def _build_embeddings(folder, path, tokenizer, sources, fetcher, report):
     """Fetch GPT-1's embeddings and write the course's embeddings.npz at `path`."""
-    try:
-        token_rows, position_rows = read_checkpoint_tensors(os.path.join(folder, SOURCES_FOLDER),
-                                                            sources, mirror, policy, progress)
-    except DownloadError as error:
-        raise DataUnavailableError(_unavailable_message(
-            "the GPT-1 embeddings", [str(error)], sources, folder)) from error
+    token_rows, position_rows = read_checkpoint_tensors(os.path.join(folder, SOURCES_FOLDER),
+                                                        sources, fetcher)
     arrays = build_embeddings(token_rows, position_rows, tokenizer.vocabulary_size)
-    _save_npz_atomic(path, arrays, compress=False)
+    _save_npz(path, arrays, compress=False)
     report["embeddings"] = {"path": path, "tokens": list(arrays["tokens"].shape),
                             "position": list(arrays["position"].shape)}
-    report_progress(progress, f"embeddings: tokens {arrays['tokens'].shape}, position "
-                              f"{arrays['position'].shape} -> {path}")
+    fetcher.say(f"embeddings: tokens {arrays['tokens'].shape}, position "
+                f"{arrays['position'].shape} -> {path}")
 
 
-def prepare_data(data_folder="data", mirror=None, skip_embeddings=False, progress=True, *,
-                 embeddings_path=None, force=False, sources=None, policy=DownloadPolicy()):
+def prepare_data(data_folder="data", fetcher=Fetcher(), *, skip_embeddings=False,
+                 embeddings_path=None, force=False, sources=None):
     """Make the course's data in `data_folder`; files already there are kept unless `force`.
 
-    `sources` are the remote files to use (DEFAULT_SOURCES, read when called, unless given).
+    `fetcher` says where the remote files come from (utils/download.py); `sources` are the remote
+    files to use (DEFAULT_SOURCES, read when called, unless given).
 
     Returns a report: {"data_folder", "wikitext": {"source", "failed_sources"} or None,
     "splits": {split: {"documents", "tokens"}}, "embeddings": {...} or None, "verify": verify()}.
-    Raises DataUnavailableError (one line saying how to get the data), StorageError for a
-    folder that cannot be written, and ValueError for a bad `mirror`.
+    Raises DataUnavailableError (a UsageError: one line saying what to do) when the data cannot be
+    fetched, built or written.
     """
-    mirror_kind(mirror)
     sources = sources or DEFAULT_SOURCES
     embeddings_path = embeddings_path or os.path.join(data_folder, EMBEDDINGS_FILE)
-    _prepare_folder(data_folder)
+    for folder in (data_folder, os.path.join(data_folder, SOURCES_FOLDER)):
+        check_writable_folder(folder, "--data_folder")
     report = {"data_folder": data_folder, "wikitext": None, "splits": {}, "embeddings": None}
-    tokenizer = _fetch_tokenizer(data_folder, sources, mirror, policy, progress)
+    tokenizer = fetch_tokenizer(data_folder, fetcher, sources)
     if force or not all(os.path.isfile(os.path.join(data_folder, name)) for name in DATA_FILES):
-        _build_splits(data_folder, tokenizer, sources, mirror, policy, progress, report)
+        with obtaining("WikiText-2 raw", sources, data_folder):
+            _build_splits(data_folder, tokenizer, sources, fetcher, report)
     if not skip_embeddings and (force or not os.path.isfile(embeddings_path)):
-        _build_embeddings(data_folder, embeddings_path, tokenizer, sources, mirror, policy,
-                          progress, report)
+        with obtaining("the GPT-1 embeddings", sources, data_folder):
+            _build_embeddings(data_folder, embeddings_path, tokenizer, sources, fetcher, report)
     report["verify"] = verify(data_folder)
     return report
 
 
-def ensure_data(data_folder, need_embeddings=False, embeddings_path=None, mirror=None, progress=True,
-                *, sources=None, policy=DownloadPolicy()):
+def ensure_data(data_folder, need_embeddings=False, embeddings_path=None, fetcher=Fetcher(), *,
+                sources=None):
     """Make sure the three npz (and the embeddings, if needed) are in `data_folder`.
 
-    Does nothing when they are there; otherwise prepares what is missing. Raises
-    DataUnavailableError, with a one-line message saying how to get the data, when it cannot.
+    Does nothing when they are there; otherwise prepares what is missing (DataUnavailableError,
+    one line saying how to get the data, when it cannot).
     """
     embeddings_path = embeddings_path or os.path.join(data_folder, EMBEDDINGS_FILE)
     needed = [os.path.join(data_folder, name) for name in DATA_FILES]
     needed += [embeddings_path] if need_embeddings else []
     if all(os.path.isfile(path) for path in needed):
         return None
-    try:
-        return prepare_data(data_folder, mirror, skip_embeddings=not need_embeddings,
-                            progress=progress, embeddings_path=embeddings_path, sources=sources,
-                            policy=policy)
-    except (StorageError, ValueError) as error:
-        raise DataUnavailableError(f"cannot prepare the data in {data_folder}: {error}") from error
+    return prepare_data(data_folder, fetcher, skip_embeddings=not need_embeddings,
+                        embeddings_path=embeddings_path, sources=sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +380,7 @@ def ensure_data(data_folder, need_embeddings=False, embeddings_path=None, mirror
 
 
 def _parser():
-    parser = OneLineParser(prog="python -m utils.prepare_data", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_folder", default="data", help="where to write the data")
     parser.add_argument("--mirror", default=None,
                         help="a folder holding the remote files by name, or a base URL serving them")
@@ -458,14 +413,13 @@ def main(argv=None, *, sources=None, policy=DownloadPolicy()):
             result = verify(args.data_folder)
             _print_verification(result, sys.stdout)
             return 0 if all(entry["status"] == "match" for entry in result.values()) else 1
-        report = prepare_data(args.data_folder, args.mirror, args.skip_embeddings, not args.quiet,
-                              force=args.force, sources=sources, policy=policy)
-    except (DataUnavailableError, StorageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        fetcher = Fetcher(args.mirror, policy, progress=not args.quiet)  # ValueError: a bad --mirror
+        report = prepare_data(args.data_folder, fetcher, skip_embeddings=args.skip_embeddings,
+                              force=args.force, sources=sources)
+    except (UsageError, ValueError) as error:
+        return fail(PROG, error, 2)
     except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return fail(PROG, "interrupted; run the same command again to resume", 130)
     if report["wikitext"]:
         print(f"WikiText-2 raw from {report['wikitext']['source']}")
     _print_verification(report["verify"], sys.stdout)

@@ -12,14 +12,14 @@ The lock is the operating system's: it dies with its process, so a run killed wi
 no stale lock, and a log that still says "running" while nobody holds the lock is a dead run.
 """
 import contextlib
-import errno
 import glob
 import os
 import shutil
 import time
 
 from utils.cli import UsageError
-from utils.data_utils import LOG_NAME, LogError, atomic_write_bytes, read_log
+from utils.data_utils import LOG_NAME, LogError, read_log
+from utils.files import TEMPORARY_PREFIX, atomic_write_bytes, describe_os_error
 
 try:
     import fcntl
@@ -28,29 +28,13 @@ except ImportError:  # Windows: no flock; the folder is then not protected again
 
 LOCK_NAME = ".lock"
 REPLACED_NAME = ".replaced"
-RUN_FILES = (LOG_NAME, "last.pt", "best.pt")
+CHECKPOINT_NAMES = {"last": "last.pt", "best": "best.pt"}
+RUN_FILES = (LOG_NAME, *CHECKPOINT_NAMES.values())
 
 
-def check_writable_folder(folder, flag="--log_dir"):
-    """Create `folder` if needed and make sure files can be written in it; UsageError in one line."""
-    try:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise UsageError(f"{folder} is a file, not a folder: choose another {flag} or EXP_ID")
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as file:
-            file.write(b"0")
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write in {folder} ({describe_os_error(error)}): "
-                         f"choose another {flag} or free the disk") from None
-
-
-def describe_os_error(error):
-    """`strerror` of an OSError in a few words, with a hint for the names the file system refuses."""
-    if error.errno == errno.ENAMETOOLONG:
-        return "a name longer than the file system allows: choose a shorter --exp_id"
-    return error.strerror or type(error).__name__
+def checkpoint_paths(run_dir):
+    """{"last": path, "best": path}: where a run saves its checkpoints (utils/checkpoint.py)."""
+    return {kind: os.path.join(run_dir, name) for kind, name in CHECKPOINT_NAMES.items()}
 
 
 def read_owner(file, wait_s=2.0):
@@ -162,11 +146,9 @@ class FolderContents:
                 self.log = read_log(log_path)
             except LogError as error:
                 self.log_problem = str(error)
-        self.last = self.path("last.pt") if os.path.isfile(self.path("last.pt")) else None
-        self.best = self.path("best.pt") if os.path.isfile(self.path("best.pt")) else None
-
-    def path(self, name):
-        return os.path.join(self.run_dir, name)
+        paths = checkpoint_paths(run_dir)
+        self.last = paths["last"] if os.path.isfile(paths["last"]) else None
+        self.best = paths["best"] if os.path.isfile(paths["best"]) else None
 
     @property
     def empty(self):
@@ -197,8 +179,8 @@ def remove_if_unused(run_dir):
 
 
 def remove_stale_temporaries(run_dir):
-    """Delete the `.tmp-*` files an interrupted atomic write left (only the owner calls this)."""
-    for path in glob.glob(os.path.join(glob.escape(run_dir), ".tmp-*")):
+    """Delete the temporaries an interrupted `atomic_write` left (only the owner calls this)."""
+    for path in glob.glob(os.path.join(glob.escape(run_dir), TEMPORARY_PREFIX + "*")):
         with contextlib.suppress(OSError):
             os.remove(path)
 

@@ -21,8 +21,9 @@ from typing import Optional
 
 from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
-from utils.run_folder import FolderContents, describe_os_error
-from utils.training import Interrupted, check_same_config
+from utils.files import describe_os_error
+from utils.run_folder import FolderContents
+from utils.experiment import Interrupted, check_same_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_EXP = os.path.join(ROOT, "run_exp.py")

@@ -1,7 +1,7 @@
 """The GPT-1 tokenizer of the course's data: text <-> the ids stored in `wiki.*.npz`.
 
 How a line of WikiText-2 raw becomes ids (what the course did, reproduced with Hugging Face
-`tokenizers` from OpenAI's two files `vocab.json` and `merges.txt`):
+`tokenizers` from OpenAI's two files `vocab.json` and `merges.txt`, pinned in `TOKENIZER_FILES`):
 
     " = Robert Boulter = "                        a non-empty line of the raw text
       | BERT normalizer: lowercase, strip accents (NFD, drop marks), drop control characters
@@ -12,13 +12,6 @@ How a line of WikiText-2 raw becomes ids (what the course did, reproduced with H
     ["=</w>", "robert</w>", "boul", "ter</w>", "=</w>"]
       | vocabulary ids + 1, so that 0 is free for padding
     [304, 4731, 8406, 614, 304]
-
-Decoding reverses the table look-up only: lowercasing, accents and the spacing around
-punctuation are lost, so `decode(encode("The cat, sat."))` is "the cat , sat ." -- tokens are
-separated by single spaces, as in the course's data.
-
-`TOKENIZER_FILES` pins where the two files come from (a Hub repository at a commit, and their
-sha256); data preparation and generation both fetch them from there (`utils.download.fetch_into`).
 """
 import json
 import os
@@ -104,7 +97,9 @@ class GPT1Tokenizer:
         """Readable text of `ids` (a list, array or tensor of ints).
 
         Padding (0) is skipped, words are separated by single spaces (also around punctuation)
-        and an unknown character reads `<unk>`. Raises ValueError naming an id out of range.
+        and an unknown character reads `<unk>`. It reverses the table look-up only: lowercasing,
+        accents and the spacing around punctuation are lost, so `decode(encode("The cat, sat."))`
+        is "the cat , sat .", as in the course's data. Raises ValueError naming an id out of range.
         """
         ids = np.asarray(ids, dtype=np.int64).ravel()
         bad = ids[(ids < 0) | (ids >= len(self._pieces))]

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "validation", "test")
+from utils.data_folder import SPLITS, split_path
+
 BREAK_MODES = ("none", "lines", "complete")
 GPT1_VOCABULARY_SIZE = 40479  # 40,478 BPE tokens + the padding id 0
 
@@ -117,7 +118,7 @@ def read_split(root, split, vocabulary_size=GPT1_VOCABULARY_SIZE):
     """Load and check `root/wiki.{split}.npz`; returns `(tokens int64, sizes int64)` arrays."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
-    path = os.path.join(os.fspath(root), f"wiki.{split}.npz")
+    path = split_path(root, split)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path} (make it with "
                                 f"`python -m utils.prepare_data --data_folder {root}`)")

@@ -2,35 +2,14 @@
 
     python -m utils.report [LOG_DIR ...] [--out report] [--format png,pdf] [--reference]
 
-reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes into `--out`:
-
-    REPORT.md                   figures and tables, a caption under each; its findings answer
-                                the course's questions 3-8 with small tables (`findings`)
-    figures/exp_ID.{png,pdf}    one run: perplexity against epochs and against wall-clock time
-    figures/optimizers_lstm.*   the course's comparisons (1-4, 5-8, 2/9/10, 6/11/12, 1 vs 5)
-    figures/all_runs.*          ... and every run together
-    tables/results.{md,tex}     one row per run; tables/memory_speed.{md,tex}; tables/tables.tex
-                                (a LaTeX document that inputs both, to compile as-is)
-    tables/results.csv          the figures of results.md, one row per run in the same order, as
-                                plain numbers (seconds, MiB, counts; empty when missing); columns
-                                `tables.RESULT_FIELDS` (+ `REFERENCE_FIELDS` with --reference)
-    findings.json               the numbers of REPORT.md's findings (the course's questions 3-8,
-                                `findings`): {"format", "runs", "questions": [{"question", "title",
-                                "needs", "missing", "notes", "tables": [{"number", "caption",
-                                "columns": [{"key", "header"[, "note"]}], "rows": [{key: value}]}]}]}
-                                where null is a missing value, or "never"/"none" where the table
-                                says so; each row also names its run (exp, architecture, layers,
-                                optimizer, dropout)
-
-A "dropout" column follows the optimizer in every table when some run's config has dropout.
-`--reference` puts the published 2021 runs beside the user's (`published_runs.json`). A log that
-cannot be read, a run still going, a run with fewer epochs or a missing field each give one
-`warning: ...` line on stderr and the report still comes out; no log folder or no log at all is one
-`error: ...` line and exit code 2. The same logs give the same bytes.
+reads every `LOG_DIR/EXP_ID/log.json` (default LOG_DIR: `logs`) and writes REPORT.md, the
+figures, the tables (Markdown, LaTeX, CSV) and findings.json into `--out` (each file:
+docs/FORMATS.md). A log that cannot be read, a run still going, a run with fewer epochs or a
+missing field each give one `warning: ...` line and the report still comes out; no log folder or
+no log at all is one error line and exit code 2. The same logs give the same bytes.
 """
 import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -38,9 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, fail
 from utils.config import EXPERIMENTS, MODELS, NO_EMBEDDINGS, OPTIMIZERS
 from utils.data_utils import EPOCH_FIELDS, read_logs
+from utils.files import json_text
 from utils.report.figures import FORMATS, experiment_colours, plot_runs
 from utils.report.findings import answer_questions, findings_json, findings_markdown
 from utils.report.published import published_runs, reference_best, reference_curves
@@ -48,6 +28,7 @@ from utils.report.tables import (ARCHITECTURE_NAMES, REFERENCE_FIELDS, RESULT_FI
                                  memory_speed_table, published_table, result_records,
                                  results_table, tables_document, to_csv, to_latex, to_markdown)
 
+PROG = "python -m utils.report"
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "momentum": "momentum"}
 
 # The course's questions: (file name, title, experiment ids).
@@ -83,7 +64,7 @@ def number(value):
 
 
 @dataclass
-class Run:
+class LoggedRun:
     """One run's log, reduced to what the figures and tables show. Epochs are numbered from 1."""
 
     label: str  # the exp id, made unique when two logs share one
@@ -217,7 +198,7 @@ def make_run(log, label):
         value = config.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    return Run(label=label, exp_id=log["exp_id"], path=log.get("path", "?"),
+    return LoggedRun(label=label, exp_id=log["exp_id"], path=log.get("path", "?"),
                status=str(log.get("status")), model=text("model"), layers=whole("layers"),
                optimizer=text("optimizer"), planned_epochs=whole("epochs"), epochs=log["epochs"],
                log=log)
@@ -374,8 +355,7 @@ def make_report(log_dirs, out, formats=("png", "pdf"), reference=False):
     texts["tables/tables.tex"] = tables_document([f"{stem}.tex" for stem in tables])
     texts["tables/results.csv"] = to_csv(result_records(runs, reference),
                                          RESULT_FIELDS + (REFERENCE_FIELDS if reference else ()))
-    texts["findings.json"] = json.dumps(findings_json(findings, runs), indent=2,
-                                        allow_nan=False) + "\n"
+    texts["findings.json"] = json_text(findings_json(findings, runs))
     texts["REPORT.md"] = report_markdown(log_dirs, runs, warnings, tables, findings, comparisons,
                                          per_run, reference)
     for name, text in texts.items():
@@ -431,7 +411,7 @@ def parse_formats(text):
 
 def main(argv=None):
     parser = OneLineParser(
-        prog="python -m utils.report",
+        prog=PROG,
         description="Turn run logs (LOG_DIR/EXP_ID/log.json) into figures, tables and REPORT.md.")
     # The formatter adds "(default: ...)" to flags only, so the positional says its own.
     parser.add_argument("log_dirs", nargs="*", default=["logs"], metavar="LOG_DIR",
@@ -448,11 +428,9 @@ def main(argv=None):
     except ReportError as error:
         for warning in error.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, error, 2)
     except OSError as error:
-        print(f"error: cannot write the report to '{args.out}': {error}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"cannot write the report to '{args.out}': {error}", 2)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {len(result['files'])} files ({len(result['runs'])} runs):")

@@ -69,7 +69,7 @@ def _draw_reference(ax, xs, curves, name):
 
 
 def plot_runs(runs, stem, formats, title, colours, reference=False):
-    """Draw `runs` (report `Run`s) in one figure of two panels; returns the written paths.
+    """Draw `runs` (report `LoggedRun`s) in one figure of two panels; returns the written paths.
 
     Left: perplexity against epochs; right: against cumulative wall-clock seconds (in s, min or h).
     Train solid, validation dashed, best validation epoch starred; with `reference`, the published

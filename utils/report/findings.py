@@ -1,22 +1,11 @@
 """The course's questions 3-8 answered with numbers from the logs: a small table or two each.
 
-Each question is a pure function of the report's `Run`s that returns a `Finding`: the runs it
+Each question is a pure function of the report's `LoggedRun`s that returns a `Finding`: the runs it
 needs, those missing from the logs, and tables whose rows are records of plain values (what
 `findings.json` holds) shown through `tables.Column`s (what REPORT.md shows). A question shows the
-rows of its runs that are present and names the missing ones.
-
-Figures (each table's caption states the ones it uses; epochs count from 1):
-
-- gap: valid_ppl / train_ppl of one epoch.
-- time to a level: the cumulative_seconds of the first epoch whose valid_ppl is at or below the
-  level; "never" (null in JSON) when no epoch gets there.
-- mean improvement per epoch: (valid_ppl of epoch 1 - best valid_ppl) / (best epoch - 1), the mean
-  drop of validation perplexity per epoch up to the best one; missing when the best is epoch 1.
-- seconds per epoch (Q5, Q6): the mean over epochs of train_seconds + valid_seconds.
-- onset of overfitting: the first epoch e with valid_ppl[e+1] > valid_ppl[e] and
-  train_ppl[e+1] < train_ppl[e]; "none" (null in JSON) when there is none.
-- model state: 4 bytes x (total parameters + learnable parameters (their gradients) + k x learnable
-  parameters (the optimizer's state)), k = OPTIMIZER_STATE[optimizer]; MiB = bytes / 2**20.
+rows of its runs that are present and names the missing ones. How each figure is defined (gap,
+time to a level, mean improvement, seconds per epoch, onset of overfitting, model state) is in
+docs/FORMATS.md and in the function that computes it.
 """
 import itertools
 import statistics

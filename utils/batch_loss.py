@@ -1,21 +1,18 @@
-"""How a batch becomes a loss: the reference path and the fast path, behind one module.
+"""How a batch becomes a loss: the reference path and the fused path, behind one module.
 
 Legend: B batch, T time, C channels, V vocabulary, N = B * T.
 
-`BatchLoss` wraps a model (either kind, through the interface of utils/language_model.py) and is
-what the training loop calls and what DistributedDataParallel / torch.compile wrap:
+`BatchLoss` wraps a model (either kind, through the interface of utils/language_model.py); it is
+what the training loop calls and what DistributedDataParallel / torch.compile wrap.
 
 - reference path (`fused=False`): `model.predict` -> dense log-probabilities `(B, T, V)` -> gather,
-  with attention through `get_attention_weights` / `apply_attention` and layer norms differentiated
-  by autograd through their written-out formula, all in fp32;
-- fast path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
-  backward pass (`LayerNormFunction`), and the NLL computed from the features
-  `(B, T, C)` and the tied output weight `(V, C)` by `fused_token_nll`, which never builds the
-  dense log-probabilities; with `autocast_dtype=torch.bfloat16` (CUDA) the matmuls run in bf16
-  while the log-sum-exp and the loss stay in fp32.
+  the course's explicit attention and layer norms differentiated by autograd, in fp32;
+- fused path (`fused=True`): scaled-dot-product attention, layer norms with a hand-derived
+  backward pass, and the NLL from the features `(B, T, C)` and the tied output weight `(V, C)`
+  (`fused_token_nll`), which never builds the dense log-probabilities; under autocast the matmuls
+  run in bf16 or fp16 while the log-sum-exp and the loss stay fp32.
 
-Both give the course's loss (per-sequence mean NLL, then mean over sequences) and the summed NLL
-and token count that exact perplexity needs.
+Both give the course's loss and the summed NLL and token count that exact perplexity needs.
 """
 import contextlib
 import math
@@ -26,8 +23,8 @@ from torch import nn
 from utils.language_model import sequence_nll, token_nll
 
 
-# On CUDA the output matmul's vocabulary is padded to a multiple of this: with V = 40,479 (odd) a
-# row of bf16 logits is 80,958 bytes, a width at which cuBLAS loses its fast tensor-core kernels
+# On CUDA the output matmul's vocabulary is padded to a multiple of this: at GPT-1's odd vocabulary
+# a row of bf16 logits has an odd width, at which cuBLAS loses its tensor-core kernels
 # (docs/PERFORMANCE.md has the measurement). On the CPU padding gains nothing and would copy the
 # whole fp32 matrix at every call.
 CUDA_VOCABULARY_MULTIPLE = 64
@@ -55,7 +52,7 @@ class ChunkedNLL(torch.autograd.Function):
 
     and the backward pass is `grad_nll[:, None] * J`, with no second matmul. Only when `weight`
     itself learns does the backward pass recompute the logits, block by block, from the
-    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fast CUDA path); the
+    log-normalisers kept for it. Matmuls run in `compute_dtype` (bf16 on the fused CUDA path); the
     log-softmax, the NLL and the log-normalisers are fp32.
     """
 

@@ -1,4 +1,4 @@
-"""The fast path computes what the reference path computes: `python -m unittest tests.test_fast_path`.
+"""The fused path computes what the reference path computes: `python -m unittest tests.test_batch_loss`.
 
 On the CPU in fp32, on the same weights and batch (tiny models of tests/helpers.py, a padded batch
 with an empty sequence), the fused loss, NLL sum, token count and gradients equal the plain path's
@@ -18,7 +18,7 @@ from gpt1_solution_template import MultiHeadedAttention
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 from utils import training
 from utils.config import resolve_config
-from utils.fast_path import BatchLoss, fused_token_nll, set_fused_kernels
+from utils.batch_loss import BatchLoss, fused_token_nll, set_fused_kernels
 from utils.language_model import token_nll
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -158,7 +158,7 @@ def check_lstm_by_layer(test, device, relative):
 
 
 class MixedPrecisionTest(unittest.TestCase):
-    """The fast path under bf16 autocast on the CPU (CudaPathTest repeats it on a GPU)."""
+    """The fused path under bf16 autocast on the CPU (CudaPathTest repeats it on a GPU)."""
 
     def test_lstm_by_layer_equals_the_whole_lstm(self):
         check_lstm_by_layer(self, "cpu", RELATIVE)
@@ -193,7 +193,7 @@ class CudaPathTest(unittest.TestCase):
             self.assertEqual(training.Processes(name).device, torch.device("cuda", torch.cuda.current_device()))
 
     def test_a_training_step_never_waits_for_the_gpu(self):
-        """No host-device sync in the fast path's step: forward, scaled backward, fused AdamW."""
+        """No host-device sync in the fused path's step: forward, scaled backward, fused AdamW."""
         source, target, mask = (tensor.to("cuda") for tensor in padded_batch())
         config = resolve_config("6")  # fused path, precision auto (bf16), AdamW
         device = torch.device("cuda")
@@ -214,7 +214,7 @@ class CudaPathTest(unittest.TestCase):
                     torch.cuda.set_sync_debug_mode("default")
 
     def test_lstm_by_layer_on_cuda(self):
-        check_lstm_by_layer(self, "cuda", 1e-4)  # what the fast path runs under autocast
+        check_lstm_by_layer(self, "cuda", 1e-4)  # what the fused path runs under autocast
         with torch.autocast("cuda", dtype=torch.bfloat16):
             check_lstm_by_layer(self, "cuda", 1e-2)  # cuDNN in fp16, each way
 
