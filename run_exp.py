@@ -20,13 +20,13 @@ import time
 import torch.distributed as dist
 
 from utils.checkpoint import CheckpointError
-from utils.cli import OneLineParser, UsageError, fail, one_line_warnings, positive_int
+from utils.cli import OneLineParser, UsageError, fail, nonnegative_int, one_line_warnings, positive_int
 from utils.config import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, expand_exp_ids, resolve_config
 from utils.course import evaluate, train  # noqa: F401 (the course's notebook imports them from here)
 from utils.data_utils import LogError
 from utils.files import describe_os_error
-from utils.study import (StudyInterrupted, exit_code, run_in_parallel, run_in_turn, summary_table,
-                         worker_command_line)
+from utils.study import (StudyInterrupted, die_with_parent, exit_code, run_in_parallel, run_in_turn,
+                         summary_table, worker_command_line)
 from utils.experiment import RunOptions, fetch_inputs, run_experiment, signals_interrupt
 from utils.training import TrainingStopped
 
@@ -41,12 +41,12 @@ def parse_args(argv=None):
     add("--print_config", action="store_true", help="print the resolved configuration as JSON and exit")
     # The course's flags; set, they override the preset.
     add("--data_folder", default=None, help="folder with wiki.{train,validation,test}.npz (default: data)")
-    add("--batch_size", type=int, default=None, help="global batch size (default: 16)")
+    add("--batch_size", type=positive_int, default=None, help="global batch size (default: 16)")
     add("--model", choices=MODELS, default=None, help="architecture (default: lstm)")
     add("--embeddings", default=None,
         help="pretrained embeddings .npz (default: DATA_FOLDER/embeddings.npz), or 'none' to learn them")
-    add("--layers", type=int, default=None, help="number of LSTM layers or transformer blocks (default: 1)")
-    add("--epochs", type=int, default=None, help="number of epochs (default: 10)")
+    add("--layers", type=positive_int, default=None, help="number of LSTM layers or transformer blocks (default: 1)")
+    add("--epochs", type=positive_int, default=None, help="number of epochs (default: 10)")
     add("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: adam)")
     add("--lr", type=float, default=None, help="learning rate (default: 1e-3)")
     add("--momentum", type=float, default=None, help="momentum of the 'momentum' optimizer (default: 0.9)")
@@ -55,21 +55,21 @@ def parse_args(argv=None):
     add("--log", action="store_true", help="accepted for the course's CLI: logs are always written")
     add("--no_log", action="store_true", help="write no log and no checkpoint")
     add("--log_dir", default="logs", help="runs go to LOG_DIR/EXP_ID/")
-    add("--num_workers", type=int, default=0, help="accepted for the course's CLI: the data is preloaded")
+    add("--num_workers", type=nonnegative_int, default=0, help="accepted for the course's CLI: the data is preloaded")
     add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     add("--progress_bar", action="store_true", default=None, help="show progress bars (default: in a terminal)")
     add("--no_progress_bar", dest="progress_bar", action="store_false", help="hide progress bars")
-    add("--print_every", type=int, default=10, help="without progress bars, print every N steps (0: never)")
+    add("--print_every", type=nonnegative_int, default=10, help="without progress bars, print every N steps (0: never)")
     # Sizes (with --embeddings none), quick runs, and the options that are off unless asked for.
-    add("--embedding_size", type=int, default=None, help="embedding width (default: 768)")
-    add("--hidden_size", type=int, default=None, help="LSTM hidden size (default: 512)")
-    add("--num_heads", type=int, default=None, help="attention heads (default: 12)")
-    add("--sequence_length", type=int, default=None, help="tokens per example (default: 256)")
+    add("--embedding_size", type=positive_int, default=None, help="embedding width (default: 768)")
+    add("--hidden_size", type=positive_int, default=None, help="LSTM hidden size (default: 512)")
+    add("--num_heads", type=positive_int, default=None, help="attention heads (default: 12)")
+    add("--sequence_length", type=positive_int, default=None, help="tokens per example (default: 256)")
     add("--dropout", type=float, default=None,
         help="dropout probability: MiniGPT1 as GPT-1 (embeddings, attention, residual branches), "
              "the LSTM on its embeddings, between layers and on its output (default: 0, the course's models)")
-    add("--limit_batches", type=int, default=None, help="at most K batches per split and epoch")
-    add("--max_steps", type=int, default=None, help="stop training after S optimizer steps in all")
+    add("--limit_batches", type=positive_int, default=None, help="at most K batches per split and epoch")
+    add("--max_steps", type=positive_int, default=None, help="stop training after S optimizer steps in all")
     add("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: none)")
     add("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value")
     add("--precision", choices=PRECISIONS, default=None,
@@ -135,6 +135,7 @@ def run_options(args):
 def main(argv=None):
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     one_line_warnings()
+    die_with_parent()  # only in a --jobs worker
     try:
         with signals_interrupt():
             args = parse_args(argv)

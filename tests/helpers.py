@@ -65,3 +65,13 @@ def write_tiny_data(folder, vocabulary_size=50, width=16, positions=16, seed=0):
     np.savez(path, tokens=generator.normal(size=(vocabulary_size, width)).astype(np.float32),
              position=generator.normal(size=(positions, width)).astype(np.float32))
     return path
+
+
+def skip_unless_cpu_autocast(precision, *models):
+    """Skip a test where this CPU cannot run `models` under `precision` autocast, with the probe's
+    reason (utils/cpu_autocast.py): CPUs differ, and the test follows the machine it runs on."""
+    from utils.cpu_autocast import cpu_autocast_refusal
+
+    refusals = [cpu_autocast_refusal(precision, model) for model in models]
+    refusal = next((reason for reason in refusals if reason), None)
+    return unittest.skipIf(refusal is not None, refusal or "")

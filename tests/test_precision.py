@@ -7,10 +7,11 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import TINY, tiny_gpt, tiny_lstm
+from tests.helpers import TINY, skip_unless_cpu_autocast, tiny_gpt, tiny_lstm
 from tests.test_run_exp import TinyRunCase, run_main
 from utils.config import resolve_config
 from utils.batch_loss import BatchLoss
+from utils.cli import cpu_name
 from utils.training import choose_precision, resolve_precision
 
 CUDA = torch.device("cuda", 0)
@@ -79,17 +80,52 @@ class Fp16Test(unittest.TestCase):
         self.assertTrue(all(torch.isfinite(g).all() for g in gradients))
         self.assertTrue(torch.isfinite(nll))
 
+    @skip_unless_cpu_autocast("fp16", "gpt1")
     def test_minigpt1_both_paths_cpu(self):
         for fused in (True, False):
             with self.subTest(fused=fused):
                 self.check(tiny_gpt(learn_embeddings=True), torch.device("cpu"), fused)
 
-    @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA (oneDNN has no fp16 LSTM on the CPU)")
+    @unittest.skipUnless(torch.cuda.is_available(), "needs CUDA (the CPU's fp16 LSTM: the probe's test below)")
     def test_lstm_and_minigpt1_cuda(self):
         for make in (tiny_lstm, tiny_gpt):
             for fused in (True, False):
                 with self.subTest(model=make.__name__, fused=fused):
                     self.check(make(learn_embeddings=True), CUDA, fused)
+
+
+class CpuAutocastProbeTest(unittest.TestCase):
+    """The probe's answer agrees with trying the model itself, and its refusal names the CPU."""
+
+    def test_the_answer_is_what_the_model_does(self):
+        from utils.cpu_autocast import cpu_autocast_refusal
+        for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            for name, make in (("lstm", tiny_lstm), ("gpt1", tiny_gpt)):
+                with self.subTest(precision=precision, model=name):
+                    refusal = cpu_autocast_refusal(precision, name)
+                    self.assertIs(cpu_autocast_refusal(precision, name), refusal)  # asked once
+                    source = torch.randint(1, TINY["vocabulary_size"], (2, 8))
+                    try:
+                        loss, _, _ = BatchLoss(make(learn_embeddings=True), autocast_dtype=dtype)(
+                            source, source, torch.ones(2, 8), 0.5)
+                        loss.backward()
+                        ran = None
+                    except RuntimeError as error:
+                        ran = str(error)
+                    self.assertEqual(refusal is None, ran is None, (refusal, ran))
+
+    def test_the_refusal_names_the_cpu_and_what_failed(self):
+        from utils import cpu_autocast
+        with mock.patch.object(cpu_autocast, "_try_operations",
+                               side_effect=RuntimeError("could not create a primitive. Run with VERBOSE")):
+            cpu_autocast.cpu_autocast_refusal.cache_clear()
+            try:
+                refusal = cpu_autocast.cpu_autocast_refusal("bf16", "lstm")
+            finally:
+                cpu_autocast.cpu_autocast_refusal.cache_clear()
+        self.assertIn(f"this CPU ({cpu_name()}) cannot run the lstm under bf16 autocast", refusal)
+        self.assertIn("(could not create a primitive;", refusal)
+        self.assertNotIn("VERBOSE", refusal)
 
 
 class PrecisionInTheLogTest(TinyRunCase):

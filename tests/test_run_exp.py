@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import run_exp
+from tests.helpers import skip_unless_cpu_autocast
 from utils import training
 from utils.models import load_checkpoint
 from utils.config import EXPERIMENTS
@@ -240,6 +241,7 @@ class LossScalingTest(TinyRunCase):
         self.assertTrue(torch.equal(results[0], results[1]))
         self.assertFalse(torch.equal(results[0], model.weight.detach()))
 
+    @skip_unless_cpu_autocast("bf16", "lstm")
     def test_mixed_precision_run_keeps_its_scaler_state(self):
         code, _, err = run_main(*self.args("mixed", "lstm", "--precision", "bf16"))
         self.assertEqual(code, 0, err)
@@ -301,9 +303,16 @@ class BadInputTest(TinyRunCase):
         self.check(["--exp_id", "13", "--print_config"], "'13' is not an experiment")
         self.check(["--exp_id", "1", "--lr", "0", "--print_config"], "--lr=0.0 is invalid")
         self.check(["--exp_id", "1", "--lr", "-1", "--print_config"], "--lr=-1.0 is invalid")
-        self.check(["--exp_id", "1", "--batch_size", "0", "--print_config"], "--batch_size=0 is invalid")
+        self.check(["--exp_id", "1", "--batch_size", "0", "--print_config"],
+                   "argument --batch_size: '0' is not a whole number >= 1")
+        self.check(["--exp_id", "1", "--batch_size", "1e20", "--print_config"],
+                   "argument --batch_size: '1e20' is not a whole number >= 1")
+        self.check(["--exp_id", "1", "--batch_size", str(10 ** 20), "--print_config"],
+                   "--batch_size=100000000000000000000 is invalid: expected a whole number in 1..2,147,483,647")
+        self.check(["--exp_id", "1", "--print_every", "-1", "--print_config"],
+                   "argument --print_every: '-1' is not a whole number >= 0")
         self.check(["--exp_id", "1", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'")
-        self.check(["--exp_id", "1", "--epochs", "ten"], "invalid int value: 'ten'")
+        self.check(["--exp_id", "1", "--epochs", "ten"], "argument --epochs: 'ten' is not a whole number >= 1")
         self.check(["--exp_id", "x", "--model", "gpt1", "--num_heads", "5", "--print_config"],
                    "--num_heads=5 is invalid")
         self.check(["--exp_id", "a/b", "--print_config"], "--exp_id='a/b' is invalid")

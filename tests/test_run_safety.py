@@ -521,9 +521,19 @@ class ConfigTest(SafetyCase):
         log = self.log("r")
         self.assertEqual((log["config"]["epochs"], len(log["epochs"])), (2, 2))
 
-    def test_fp16_lstm_on_the_cpu_is_refused_in_one_line(self):
-        code, _, err = run_main(*self.args("h", "lstm", "--precision", "fp16"))
-        self.assertIn("oneDNN has no fp16 LSTM", self.one_line(code, err, 2))
+    def test_a_precision_the_cpu_cannot_run_is_refused_in_one_line_before_any_file(self):
+        # The probe forced to fail: the refusal is tested on every machine, whatever its CPU can do.
+        refusal = "this CPU (a test CPU) cannot run the lstm under bf16 autocast with this PyTorch (no kernel)"
+        with mock.patch("utils.training.cpu_autocast_refusal", return_value=refusal) as probe:
+            code, _, err = run_main(*self.args("h", "lstm", "--precision", "bf16"))
+        probe.assert_called_once_with("bf16", "lstm")
+        self.assertEqual(self.one_line(code, err, 2), f"run_exp.py: error: --precision bf16: {refusal}; "
+                                                      "use --precision fp32")
+        self.assertFalse(os.path.exists(os.path.join(self.logs, "h")))
+        with mock.patch("utils.training.cpu_autocast_refusal", return_value=refusal) as probe:
+            code, _, err = run_main(*self.args("h", "lstm", "--precision", "auto", "--epochs", 1))
+        self.assertEqual(code, 0, err)
+        probe.assert_not_called()  # auto is fp32 on the CPU: nothing to ask
 
     def test_a_scheduled_run_keeps_its_length_on_resume(self):
         args = ("--scheduler", "cosine", "--lr", "0.01")

@@ -67,7 +67,7 @@ class ParallelTest(StudyCase):
         code, out, err = run_main(*self.args("bad,ok1,afile,ok2", "lstm", "--epochs", 1, "--jobs", 2))
         self.assertEqual(code, 2, out + err)
         self.assertRegex(out, r"\nbad +failed .*no checkpoint to resume from")
-        self.assertRegex(out, r"\nafile +failed .*cannot write")
+        self.assertRegex(out, r"\nafile +failed .*afile is a file, not a folder")
         for exp_id in ("ok1", "ok2"):
             self.assertEqual(self.log(exp_id)["status"], "finished")
             self.assertRegex(out, rf"\n{exp_id} +finished")

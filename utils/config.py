@@ -20,6 +20,15 @@ NO_EMBEDDINGS = "none"  # learn the embeddings from a random initialisation
 MAX_EXP_ID_BYTES = 200  # a folder name; file systems allow 255 bytes
 
 
+# The largest size or count a config takes: far above any run, and below what PyTorch's 64-bit
+# arithmetic would overflow on (a batch of 1e20 failed as "Overflow when unpacking long long").
+MAX_COUNT = 2 ** 31 - 1
+
+
+def whole_number_in_range(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that determines a run's numbers. Names follow the course's flags."""
@@ -61,13 +70,12 @@ class ExperimentConfig:
                 fail(name, "one of " + ", ".join(choices))
         for name in ("layers", "batch_size", "epochs", "embedding_size", "hidden_size",
                      "num_heads", "sequence_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, "a whole number >= 1")
+            if not whole_number_in_range(getattr(self, name)):
+                fail(name, f"a whole number in 1..{MAX_COUNT:,}")
         for name in ("limit_batches", "max_steps"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                fail(name, "a whole number >= 1 (or leave it out)")
+            if value is not None and not whole_number_in_range(value):
+                fail(name, f"a whole number in 1..{MAX_COUNT:,} (or leave it out)")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             fail("lr", "a finite number > 0")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):

@@ -52,7 +52,8 @@ def cpu_autocast_refusal(precision, model):
         _try_operations(CPU_AUTOCAST_DTYPES[precision], model)
         return None
     except RuntimeError as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # oneDNN's first sentence says what failed; the rest is how to debug oneDNN itself.
+        detail = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
     flags = cpu_flags()
     has = f"it has {', '.join(flags)}" if flags else "it has none of " + ", ".join(REDUCED_PRECISION_FLAGS)
     return (f"this CPU ({cpu_name()}) cannot run the {model} under {precision} autocast with this "

@@ -29,7 +29,8 @@ from utils.files import check_writable_folder, describe_os_error
 from utils.run_folder import (FolderContents, RunLock, checkpoint_paths, drop_replaced, move_aside,
                               put_back, recover, remove_if_unused, remove_stale_temporaries)
 from utils.torch_utils import seed_experiment
-from utils.training import Processes, Trainer, TrainingStopped, check_precision, choose_precision
+from utils.training import (Processes, Trainer, TrainingStopped, check_precision, choose_precision,
+                            is_cpu_out_of_memory, out_of_memory_message)
 from utils.wikitext2 import Wikitext2
 
 
@@ -197,12 +198,39 @@ def plan_start(config, options, contents):
               "the previous run died (killed?); continuing from its last checkpoint", file=sys.stderr)
     payload = usable_checkpoint(contents)
     if payload is None:
-        if contents.epochs_logged == 0:  # stopped in its first epoch: nothing to continue from
+        if contents.epochs_logged == 0:  # stopped in its first epoch, or a damaged log: start again
             return None, True
         raise UsageError(f"{contents.run_dir} holds {contents.describe()} but no checkpoint to resume "
                          "from: use --overwrite to start again")
     check_same_config(config, payload["config"])
     return payload, False
+
+
+def keep_damaged_log(contents):
+    """Rename a log that cannot be read out of the way, rather than let a new run replace it: it
+    may be all that is left of a run, and only its owner can say whether it is worth saving."""
+    path = os.path.join(contents.run_dir, LOG_NAME)
+    kept, number = f"{path}.damaged", 1
+    while os.path.exists(kept):
+        number += 1
+        kept = f"{path}.damaged-{number}"
+    os.replace(path, kept)
+    print(f"note: {contents.log_problem}: kept as {kept}; starting the run again", file=sys.stderr)
+
+
+def check_whole_epochs(state, steps_per_epoch):
+    """Refuse to train on after an epoch that `--max_steps` cut short: continued, the run would keep
+    that short epoch, and so differ from a run given the larger limit from the start."""
+    config, epochs = state.config, state.epochs
+    if not epochs or config.max_steps is not None and state.steps >= config.max_steps:
+        return  # nothing logged yet, or the limit asked for is the one the run stopped at
+    before = epochs[-2]["steps"] if len(epochs) > 1 else 0
+    taken = epochs[-1]["steps"] - before
+    if taken < steps_per_epoch:
+        raise UsageError(f"--resume: epoch {len(epochs)} of this run was cut short by its --max_steps "
+                         f"({taken} of {steps_per_epoch} steps), so going on would not give the numbers "
+                         f"of a run with --max_steps {config.max_steps or 'none'} from the start: "
+                         "use --overwrite to start again with the new limit")
 
 
 def check_same_config(config, stored):
@@ -255,6 +283,11 @@ def load_model_and_data(config, options, processes):
             data[split] = dataset.tensors()  # {"source", "target", "mask"}, each (N, sequence_length)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+    except (RuntimeError, MemoryError) as error:  # e.g. a causal mask of a huge --sequence_length
+        if not is_cpu_out_of_memory(error):
+            raise
+        raise UsageError(f"not enough memory to build the model and data: "
+                         f"{out_of_memory_message(config)}") from None
     return model, data
 
 
@@ -333,6 +366,8 @@ def start_run(config, options, processes, run_dir):
     one record of how the run ended."""
     contents = FolderContents(run_dir) if options.write_logs else None
     payload, replace_old = plan_start(config, options, contents)
+    if replace_old and not options.overwrite and contents.log_problem and processes.main:
+        keep_damaged_log(contents)
     if payload is not None:
         config = resumed_config(config, payload)
     seed_experiment(config.seed)
@@ -351,6 +386,7 @@ def start_run(config, options, processes, run_dir):
     state = trainer.state
     if payload is not None:
         state.restore(payload)
+        check_whole_epochs(state, trainer.steps_per_epoch)
         processes.say(f"resuming {run_dir} after epoch {payload['epoch']} ({state.steps} steps)")
     # A signal between the first log and the `try` below would leave that log saying "running"; one
     # within write_first_log could put an old run back beside the new log. They wait until here.

@@ -90,6 +90,8 @@ def describe_os_error(error):
 def check_writable_folder(folder, flag):
     """Create `folder` if needed and make sure files can be written in it; UsageError in one line
     naming `flag`, the setting to change."""
+    if not os.fspath(folder):
+        raise UsageError(f"{flag} is empty: name a folder")
     try:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UsageError(f"{folder} is a file, not a folder: choose another {flag}")

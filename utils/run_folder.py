@@ -66,6 +66,9 @@ class RunLock:
     `made_folder` says whether acquiring it had to make the folder again (see `remove_if_unused`)."""
 
     ATTEMPTS = 3  # to lock a lock file that its owner removed or let go of as we came
+    # A process that locked the folder for a child (a `--jobs` parent) names the inherited file
+    # descriptor here; the child then owns that very lock instead of taking one.
+    HANDED_FD = "RUN_EXP_LOCK_FD"
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -75,6 +78,8 @@ class RunLock:
 
     def acquire(self):
         if fcntl is None:
+            return self
+        if self.take_handed_lock():
             return self
         for attempt in range(1, self.ATTEMPTS + 1):
             last = attempt == self.ATTEMPTS
@@ -108,12 +113,44 @@ class RunLock:
         else:
             raise UsageError(f"cannot lock {self.path}: it keeps being removed by another process; "
                              "start the run again")
+        self.own(file)
+        return self
+
+    def own(self, file):
+        """Write our PID into the locked `file`, which is now ours."""
         file.seek(0)
         file.truncate()
         file.write(str(os.getpid()))
         file.flush()
         self.file = file
-        return self
+
+    def take_handed_lock(self):
+        """Own the lock a parent handed us for this folder, if it did; the variable is used once."""
+        descriptor = os.environ.get(self.HANDED_FD, "")
+        if not descriptor.isdecimal():
+            return False
+        try:
+            if os.fstat(int(descriptor)).st_ino != os.stat(self.path).st_ino:
+                return False  # handed for another folder: this process takes its own locks
+        except OSError:
+            return False
+        del os.environ[self.HANDED_FD]
+        self.own(os.fdopen(int(descriptor), "a+"))
+        return True
+
+    def handed_fds(self):
+        """The file descriptors a child must inherit to own this lock (`take_handed_lock`)."""
+        return (self.file.fileno(),) if self.file is not None else ()
+
+    def handed_env(self):
+        return {self.HANDED_FD: str(self.file.fileno())} if self.file is not None else {}
+
+    def hand_over(self):
+        """Close our copy of the lock file without unlocking it: the child that inherited it holds
+        the lock from now on, until it releases it or ends."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def release(self):
         if self.file is None:

@@ -21,8 +21,8 @@ from typing import Optional
 
 from utils.cli import UsageError
 from utils.data_utils import LOG_NAME, LogError, read_log
-from utils.files import describe_os_error
-from utils.run_folder import FolderContents
+from utils.files import check_writable_folder, describe_os_error
+from utils.run_folder import FolderContents, RunLock
 from utils.experiment import Interrupted, check_same_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +138,30 @@ class StudyInterrupted(KeyboardInterrupt):
 # K at a time, as worker processes
 
 
+# Set in a worker's environment: the PID of the parent it dies with (see `die_with_parent`).
+PARENT_ENV = "RUN_EXP_PARENT_PID"
+PARENT_POLL_SECONDS = 0.5
+
+
+def die_with_parent():
+    """In a `--jobs` worker: SIGTERM this process once its parent is gone (a kill -9 of the parent
+    would otherwise leave it training on, unseen), so that it records "stopped" and can be resumed.
+
+    A thread watches the parent's PID rather than Linux's parent-death signal, which fires when the
+    parent's *thread* that started the worker ends, and exists on Linux only.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not parent.isdecimal():
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def worker_command_line(argv, exp_id, resume):
     """`run_exp.py`'s command line `argv` for one id, without bars: what a `--jobs` worker runs."""
     kept, skip = [], False
@@ -166,27 +190,42 @@ class Worker:
         self.failure = None  # why the process could not be started
 
     def run(self):
-        """Start the process (unless the set was stopped first) and wait for it: its exit code."""
+        """Start the process (unless the set was stopped first) and wait for it: its exit code.
+
+        The parent locks the run folder and hands the lock to the worker (an inherited file
+        descriptor, `RunLock.HANDED_FD`): a folder in use by another command is refused before its
+        output.txt is touched, and output.txt only ever holds the output of the folder's owner.
+        """
         with self.lock:
             if self.cancelled:
                 return None
             self.started = time.perf_counter()
-            path = os.path.join(self.log_dir, self.exp_id, "output.txt")
+            run_dir = os.path.join(self.log_dir, self.exp_id)
+            path = os.path.join(run_dir, "output.txt")
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                check_writable_folder(run_dir, "--exp_id or --log_dir")
+                lock = RunLock(run_dir).acquire()
+            except UsageError as error:  # a file, unwritable, or in use by another command
+                self.failure = str(error)
+                return 2
+            try:
                 output = open(path, "ab")
-            except OSError as error:  # the run folder is a file, or cannot be written
+            except OSError as error:
+                lock.release()
                 self.failure = f"cannot write {path}: {describe_os_error(error)}"
                 return 2
             with output:
                 try:
                     # A session of its own: Ctrl-C reaches the parent alone, which stops each worker once.
-                    self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=output,
-                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                    start_new_session=True, env=self.env)
+                    self.process = subprocess.Popen(
+                        self.command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=lock.handed_fds(),
+                        env=dict(self.env or os.environ, **lock.handed_env(), **{PARENT_ENV: str(os.getpid())}))
                 except OSError as error:  # too many processes or open files, no memory
+                    lock.release()
                     self.failure = f"cannot start a worker: {describe_os_error(error)}"
                     return 2
+                lock.hand_over()
         print(f"exp {self.exp_id}: started (pid {self.process.pid}, output in {path})", flush=True)
         return self.process.wait()
 

@@ -11,6 +11,7 @@ The loop raises (TrainingStopped, an OSError, a signal's KeyboardInterrupt) and 
 the run's life cycle around it, and the status its log ends with, is utils/experiment.py.
 Perplexities are exact: exp(summed NLL over every real target token of a split / their number).
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,6 +28,7 @@ from utils.batch_loss import BatchLoss
 from utils.checkpoint import read_checkpoint, restore_rng_state, save_checkpoint
 from utils.cli import UsageError, resolve_device
 from utils.config import ExperimentConfig
+from utils.cpu_autocast import cpu_autocast_refusal
 from utils.language_model import perplexity
 from utils.torch_utils import to_device, unwrap
 
@@ -117,10 +119,13 @@ def resolve_precision(config, device):
 
 
 def check_precision(config, device):
-    """Refuse, in one line, a precision the device cannot run for this model."""
-    if config.model == "lstm" and device.type == "cpu" and choose_precision(config, device)[0] == "fp16":
-        raise UsageError("--precision fp16 on the CPU runs MiniGPT1 only (oneDNN has no fp16 LSTM): "
-                         "use --precision bf16 or fp32")
+    """Refuse, in one line, a precision the device cannot run for this model: on the CPU, autocast
+    runs only where the CPU's kernels can, which the probe of utils/cpu_autocast.py finds out."""
+    precision = choose_precision(config, device)[0]
+    if device.type == "cpu" and precision != "fp32":
+        refusal = cpu_autocast_refusal(precision, config.model)
+        if refusal:
+            raise UsageError(f"--precision {precision}: {refusal}; use --precision fp32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,10 +273,35 @@ def shares_on_device(batches, device):
 # An epoch of training, an evaluation pass
 
 
-def check_finite(nll, steps):
+def check_finite(nll, steps, split="training"):
     if not math.isfinite(nll):
-        raise TrainingStopped(f"the training loss became {nll} at step {steps}: "
+        raise TrainingStopped(f"the {split} loss became {nll} at step {steps}: "
                               "lower --lr (or add --clip_grad_norm 1.0)")
+
+
+def is_cpu_out_of_memory(error):
+    """Whether `error` is PyTorch's (or Python's) refusal to allocate host memory."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def out_of_memory_message(config, where="the CPU"):
+    """What to change when `config` does not fit the memory of `where`."""
+    return (f"out of memory on {where} at --batch_size {config.batch_size}, --sequence_length "
+            f"{config.sequence_length}: lower them (or keep --precision auto and the fused path on)")
+
+
+@contextlib.contextmanager
+def out_of_memory_stops(config):
+    """Within the block, running out of GPU or CPU memory raises TrainingStopped saying what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingStopped(out_of_memory_message(config, "the GPU")) from None
+    except (RuntimeError, MemoryError) as error:
+        if not is_cpu_out_of_memory(error):
+            raise
+        raise TrainingStopped(out_of_memory_message(config)) from None
 
 
 def split_figures(processes, nll_sum, tokens, started):
@@ -436,6 +466,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(self.data["train"]["source"]) / config.batch_size)
         if config.limit_batches:
             steps_per_epoch = min(steps_per_epoch, config.limit_batches)
+        self.steps_per_epoch = steps_per_epoch
         self.state = TrainingState(config=config, model=model, optimizer=optimizer,
                                    scaler=make_grad_scaler(config, device),
                                    scheduler=make_scheduler(config, optimizer, steps_per_epoch))
@@ -447,16 +478,12 @@ class Trainer:
         Stops early once `max_steps` steps are taken. CUDA running out of memory is raised as
         TrainingStopped, saying what to change.
         """
-        try:
+        with out_of_memory_stops(self.state.config):
             for epoch in range(self.state.epoch + 1, self.state.config.epochs + 1):
                 config = self.state.config
                 if config.max_steps is not None and self.state.steps >= config.max_steps:
                     break
                 self.one_epoch(epoch, after_epoch)
-        except torch.cuda.OutOfMemoryError:
-            raise TrainingStopped(f"CUDA out of memory at --batch_size {self.state.config.batch_size}: "
-                                  "lower --batch_size (or keep --precision auto and the fused path "
-                                  "on)") from None
 
     def one_epoch(self, epoch, after_epoch):
         state, config, processes = self.state, self.state.config, self.processes
@@ -471,6 +498,8 @@ class Trainer:
         validated = evaluate(self.batch_loss, self.data["validation"], processes=processes,
                              batch_size=config.batch_size, limit=config.limit_batches,
                              progress=self.progress, description=f"epoch {epoch}/{config.epochs} valid")
+        # Before the epoch is logged or saved: weights that give no finite loss are not a best model.
+        check_finite(validated["nll"], state.steps, "validation")
         previous = state.epochs[-1]["cumulative_seconds"] if state.epochs else 0.0
         cumulative = previous + trained["seconds"] + validated["seconds"]
         previous_best = state.best
@@ -509,9 +538,11 @@ class Trainer:
             state.model.load_state_dict(read_checkpoint(self.checkpoints["best"])["model"])
         elif self.best_weights is not None:
             state.model.load_state_dict(self.best_weights)
-        tested = evaluate(self.batch_loss, self.data["test"], processes=self.processes,
-                          batch_size=config.batch_size, limit=config.limit_batches,
-                          progress=self.progress, description="test")
+        with out_of_memory_stops(config):
+            tested = evaluate(self.batch_loss, self.data["test"], processes=self.processes,
+                              batch_size=config.batch_size, limit=config.limit_batches,
+                              progress=self.progress, description="test")
+        check_finite(tested["nll"], state.steps, "test")
         self.processes.say(f"test ppl {tested['ppl']:.2f} (model of epoch {state.best['epoch']}, "
                            f"best valid ppl {state.best['valid_ppl']:.2f})")
         return {"epoch": state.best["epoch"], "loss": tested["loss"], "ppl": tested["ppl"]}
