@@ -38,8 +38,8 @@ from utils.batch_loss import BatchLoss
 from utils.files import write_json
 from utils.models import build_model
 from utils.experiment import RunOptions, run_experiment
-from utils.training import (choose_precision, make_grad_scaler, make_optimizer, optimizer_step,
-                            resolve_precision)
+from utils.training import (check_precision, choose_precision, make_grad_scaler, make_optimizer,
+                            optimizer_step, resolve_precision)
 from utils.wikitext2 import GPT1_VOCABULARY_SIZE
 
 PROG = "python -m utils.benchmark"
@@ -288,6 +288,7 @@ class PathRunner:
 
     def __init__(self, base_model, config, path, device, batch):
         self.config = path_config(config, path)
+        check_precision(self.config, device)  # the run's own refusal: CPU autocast only where the probe allows
         self.device = device
         self.batch = batch
         self.model = copy.deepcopy(base_model).to(device)
