@@ -173,7 +173,7 @@ class Session:
                     result.reason = reply["forbidden"]
         except WorkerStopped as error:
             self.worker = None
-            result.reason = f"{function.name} {error}"
+            result.reason = f"{function.name}: {error}"
         result.seconds = time.monotonic() - start
         if self.progress is not None:
             print(f"graded {function.name}: {result.score:g}/{function.points:g} ({result.seconds:.1f} s)",
