@@ -12,7 +12,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.test_run_exp import ROOT, TinyRunCase, run_main
+from tests.helpers import ROOT, TinyRunCase, run_main
 from utils import batch_loss, training
 from utils.checkpoint import read_checkpoint, write_payload
 from utils.data_utils import read_log

@@ -9,8 +9,8 @@ import tempfile
 import unittest
 from unittest import mock
 
-from tests.test_run_exp import TinyRunCase, children_take_sigint, run_main, subprocess_env
-from tests.test_run_safety import RUN_EXP, make_long_epoch_data, wait_for
+from tests.helpers import (RUN_EXP, TinyRunCase, children_take_sigint, run_main, subprocess_env, wait_for,
+                           write_long_epoch)
 from utils.data_utils import read_log
 from utils.study import Outcome, exit_code, summary_table, worker_command_line
 
@@ -73,7 +73,7 @@ class ParallelTest(StudyCase):
             self.assertRegex(out, rf"\n{exp_id} +finished")
 
     def test_sigint_stops_every_worker_and_resume_completes_the_set(self):
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         children_take_sigint(self)
         # Three epochs: i1 must still be running when i2, started with it but maybe seconds later
         # on a busy machine, has written its first log (else i1 finishes and i3 starts).
