@@ -26,7 +26,7 @@ from unittest import mock
 import numpy as np
 
 from tests.helpers import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin, cache_files, quiet,
-                           read_folder, sha256, write_tiny_checkpoint, write_tiny_tokenizer)
+                           read_folder, sha256, slow, write_tiny_checkpoint, write_tiny_tokenizer)
 from utils import prepare_data as pd
 from utils.cli import shared_data_path
 from utils.download import HubFile, RemoteFile
@@ -298,6 +298,7 @@ def run_in_child(args, env, sources=None, module="utils.prepare_data"):
     return result.returncode, result.stdout, result.stderr
 
 
+@slow
 class HubEnvironmentTest(LoopbackCase):
     """The command line in child processes, huggingface_hub configured by the environment
     variables it reads when imported: HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE."""

@@ -12,8 +12,8 @@ import unittest
 import numpy as np
 import torch
 
-from tests.helpers import (RUN_DATA, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, subprocess_env,
-                           write_long_epoch)
+from tests.helpers import (RUN_DATA, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
+                           subprocess_env, write_long_epoch)
 from utils import training
 from utils.models import load_checkpoint
 from utils.config import EXPERIMENTS
@@ -291,6 +291,7 @@ class BadInputTest(TinyRunCase):
             self.assertTrue(math.isfinite(entry["train_loss"]))
 
 
+@slow
 class KillResumeTest(TinyRunCase):
     """A run killed with SIGKILL and resumed ends with the numbers of a run left alone."""
 
@@ -334,6 +335,7 @@ class KillResumeTest(TinyRunCase):
                 self.assertTrue(torch.equal(a[key], b[key]), key)
 
 
+@slow
 class TorchrunTest(TinyRunCase):
     """Two gloo processes with the same global batch train like one process."""
 

@@ -22,7 +22,7 @@ from unittest import mock
 
 import numpy as np
 
-from tests.helpers import (RUN_EXP, TINY, TinyRunCase, children_take_sigint, run_main, subprocess_env, tiny_lstm,
+from tests.helpers import (RUN_EXP, TINY, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, tiny_lstm,
                            wait_for, write_long_epoch)
 from utils import checkpoint, experiment, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
@@ -90,6 +90,7 @@ class OverwriteTest(SafetyCase):
         self.assertEqual(digests(os.path.join(self.logs, "o")), before)
 
 
+@slow
 class OneOwnerTest(SafetyCase):
     def test_two_runs_of_one_id_started_together(self):
         write_long_epoch(self.data)
@@ -321,14 +322,17 @@ class SignalsTest(SafetyCase):
                 left = os.listdir(os.path.join(self.logs, exp_id))
                 self.assertFalse({"last.pt", "best.pt", ".replaced"} & set(left), left)
 
+    @slow
     def test_sigterm_during_epoch_two(self):
         # Three epochs: with two, only epoch 2 less the 0.3 s sleep (some 0.35 s) was left for the
         # signal to arrive before the run finished.
         self.interrupt_and_resume(signal.SIGTERM, 143, wait_epochs=1, epochs=3)
 
+    @slow
     def test_sigint_in_the_first_epoch(self):
         self.interrupt_and_resume(signal.SIGINT, 130, wait_epochs=0)
 
+    @slow
     def test_kill_nine_is_recognised(self):
         write_long_epoch(self.data)
         process = subprocess.Popen(self.command("k9", "lstm", "--epochs", 3), env=subprocess_env(),

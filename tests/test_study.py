@@ -9,7 +9,7 @@ import tempfile
 import unittest
 from unittest import mock
 
-from tests.helpers import (RUN_EXP, TinyRunCase, children_take_sigint, run_main, subprocess_env, wait_for,
+from tests.helpers import (RUN_EXP, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, wait_for,
                            write_long_epoch)
 from utils.data_utils import read_log
 from utils.study import Outcome, exit_code, summary_table, worker_command_line
@@ -34,6 +34,7 @@ class StudyCase(TinyRunCase):
 
 
 class ParallelTest(StudyCase):
+    @slow
     def test_workers_equal_their_configuration_run_alone(self):
         for jobs in (2, 3):
             with self.subTest(jobs=jobs):
@@ -53,6 +54,7 @@ class ParallelTest(StudyCase):
                     self.assertEqual(run_main(*alone)[0], 0)
                     self.assertEqual(self.numbers(self.log(exp_id, logs)), self.numbers(self.log(exp_id, alone_logs)))
 
+    @slow
     def test_a_failing_configuration_leaves_the_others_finishing(self):
         self.assertEqual(run_main(*self.args("bad", "lstm", "--epochs", 1))[0], 0)
         for name in ("last.pt", "best.pt"):  # a run that cannot continue: a log, no checkpoint
@@ -72,6 +74,7 @@ class ParallelTest(StudyCase):
             self.assertEqual(self.log(exp_id)["status"], "finished")
             self.assertRegex(out, rf"\n{exp_id} +finished")
 
+    @slow
     def test_sigint_stops_every_worker_and_resume_completes_the_set(self):
         write_long_epoch(self.data)
         children_take_sigint(self)
@@ -103,6 +106,7 @@ class ParallelTest(StudyCase):
         self.assertIn("test ppl", out)
         self.assertFalse(os.path.exists(os.path.join(self.logs, "solo", "output.txt")))
 
+    @slow
     def test_finished_runs_are_skipped_unless_asked_otherwise(self):
         self.assertEqual(run_main(*self.args("f1", "lstm", "--epochs", 1))[0], 0)
         code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 1, "--jobs", 2))
