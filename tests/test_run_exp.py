@@ -6,14 +6,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import numpy as np
 import torch
 
 from tests.helpers import (RUN_DATA, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
-                           subprocess_env, write_long_epoch)
+                           subprocess_env, wait_for, write_long_epoch)
 from utils import training
 from utils.models import load_checkpoint
 from utils.config import EXPERIMENTS
@@ -304,23 +303,20 @@ class KillResumeTest(TinyRunCase):
         env = subprocess_env()
         reference_logs = tempfile.mkdtemp()
         reference = [a if a != self.logs else reference_logs for a in command]
-        subprocess.run(reference, env=env, check=True, capture_output=True, timeout=300)
+        # The run left alone goes on beside the killed one and its resumption.
+        alone_run = subprocess.Popen(reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(alone_run.kill)
 
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log_path = os.path.join(self.logs, "k", "log.json")
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if len(read_log(log_path)["epochs"]) >= 1:
-                    break
-            except Exception:  # not written yet
-                pass
-            time.sleep(0.02)
+        wait_for(lambda: len(read_log(log_path)["epochs"]) >= 1, timeout=240)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         killed_at = len(read_log(log_path)["epochs"])
         self.assertLess(killed_at, 4, "the run finished before it could be killed")
         subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+        _, err = alone_run.communicate(timeout=300)
+        self.assertEqual(alone_run.returncode, 0, err)
 
         resumed = read_log(log_path)
         alone = read_log(os.path.join(reference_logs, "k", "log.json"))

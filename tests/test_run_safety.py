@@ -268,7 +268,9 @@ class SignalsTest(SafetyCase):
         alone = [a if a != self.logs else self.logs + "-alone"
                  for a in self.command(exp_id, "lstm", "--epochs", epochs)]
         self.addCleanup(shutil.rmtree, self.logs + "-alone", True)
-        subprocess.run(alone, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+        # The run left alone goes on beside the signalled one and its resumption.
+        alone_run = subprocess.Popen(alone, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(alone_run.kill)
         process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", epochs), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(self.log(exp_id)["epochs"]) >= wait_epochs)
@@ -284,6 +286,8 @@ class SignalsTest(SafetyCase):
         result = subprocess.run(self.command(exp_id, "lstm", "--epochs", epochs, "--resume"), env=subprocess_env(),
                                 capture_output=True, text=True, timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr)
+        _, alone_err = alone_run.communicate(timeout=300)
+        self.assertEqual(alone_run.returncode, 0, alone_err)
         resumed, reference = self.log(exp_id), read_log(os.path.join(self.logs + "-alone", exp_id, "log.json"))
         keys = ("epoch", "steps", "train_loss", "valid_loss", "train_tokens")
         self.assertEqual([{k: e[k] for k in keys} for e in resumed["epochs"]],

@@ -36,6 +36,13 @@ class StudyCase(TinyRunCase):
 class ParallelTest(StudyCase):
     @slow
     def test_workers_equal_their_configuration_run_alone(self):
+        alone = {}  # each configuration run alone, once, in this process
+        for exp_id in ("p1", "p2", "p3"):
+            alone_logs = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, alone_logs, True)
+            self.assertEqual(run_main(*[a if a != self.logs else alone_logs
+                                        for a in self.args(exp_id, "gpt1", "--epochs", 2)])[0], 0)
+            alone[exp_id] = self.numbers(self.log(exp_id, alone_logs))
         for jobs in (2, 3):
             with self.subTest(jobs=jobs):
                 logs = tempfile.mkdtemp()
@@ -48,11 +55,7 @@ class ParallelTest(StudyCase):
                 self.assertIn("3 configuration(s) in", out)
                 for exp_id in ids.split(","):
                     self.assertRegex(out, rf"\n{exp_id} +finished +\d")
-                    alone_logs = tempfile.mkdtemp()
-                    self.addCleanup(shutil.rmtree, alone_logs, True)
-                    alone = [a if a != self.logs else alone_logs for a in self.args(exp_id, "gpt1", "--epochs", 2)]
-                    self.assertEqual(run_main(*alone)[0], 0)
-                    self.assertEqual(self.numbers(self.log(exp_id, logs)), self.numbers(self.log(exp_id, alone_logs)))
+                    self.assertEqual(self.numbers(self.log(exp_id, logs)), alone[exp_id])
 
     @slow
     def test_a_failing_configuration_leaves_the_others_finishing(self):
