@@ -102,9 +102,11 @@ def write_split(folder, split, tokens, sizes, **extra):
 
 
 def write_documents(folder, split, documents, **extra):
-    """`wiki.<split>.npz` holding `documents`, lists of ids, one after the other."""
+    """`wiki.<split>.npz` holding `documents`, lists of ids, one after the other; `extra` arrays
+    are added, or replace `tokens` or `sizes` as they are (a bad array for a test of the reader)."""
     tokens = np.concatenate([np.asarray(d, np.uint16) for d in documents]) if documents else np.zeros(0, np.uint16)
-    write_split(folder, split, tokens, [len(d) for d in documents], **extra)
+    arrays = {"tokens": tokens, "sizes": np.array([len(d) for d in documents], np.int64), **extra}
+    np.savez(split_path(folder, split), **arrays)
 
 
 def chain_stream(generator, split, vocabulary_size):
