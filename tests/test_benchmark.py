@@ -6,7 +6,6 @@ formula is checked against PyTorch's own count of the matmuls a step executes
 """
 import contextlib
 import functools
-import io
 import json
 import os
 import shutil
@@ -14,10 +13,10 @@ import tempfile
 import unittest
 from unittest import mock
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.helpers import run_cli, write_tiny_data
 from utils import benchmark
 from utils.models import build_model
 from utils.config import resolve_config
@@ -33,15 +32,9 @@ def run_main(*argv):
 
     The device's matmul rate is measured on 256^3 products: the full size takes seconds here.
     """
-    out, err = io.StringIO(), io.StringIO()
     small_rate = functools.partial(REAL_MATMUL_RATE, size=256, repeats=2)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            mock.patch.object(benchmark, "matmul_rate", small_rate):
-        try:
-            code = benchmark.main([str(a) for a in argv])
-        except SystemExit as exit:  # argparse's own exit on a bad flag
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
+    with mock.patch.object(benchmark, "matmul_rate", small_rate):
+        return run_cli(benchmark.main, argv)
 
 
 def counted_flops(exp_id, embeddings, vocabulary_size=97, batch_size=3):
@@ -196,13 +189,9 @@ class QuickRunTest(unittest.TestCase):
         self.assertIn("gpt1: train window 2/2", self.err)  # progress goes to stderr
 
 
-def make_tiny_splits(folder, seed=0):
+def make_tiny_splits(folder):
     """wiki.{train,validation,test}.npz with a few hundred ids each (GPT-1 id range)."""
-    generator = np.random.default_rng(seed)
-    for split, count in (("train", 30), ("validation", 8), ("test", 8)):
-        sizes = generator.integers(5, 40, size=count).astype(np.int64)
-        tokens = generator.integers(1, 40479, size=int(sizes.sum())).astype(np.uint16)
-        np.savez(os.path.join(folder, f"wiki.{split}.npz"), tokens=tokens, sizes=sizes)
+    write_tiny_data(folder, vocabulary_size=40479, stream="random", embeddings=False)
 
 
 class GpuCheckDryRunTest(unittest.TestCase):

@@ -10,18 +10,11 @@ import torch
 
 from gpt1_solution_template import MiniGPT1
 from lstm_solution import LSTM
-from tests.helpers import real_wikitext2_dir
+from tests.helpers import real_wikitext2_dir, write_documents
 from utils.data_folder import SPLITS
 from utils.embeddings import GPT1Embedding
 from utils.torch_utils import seed_experiment, to_device
 from utils.wikitext2 import Wikitext2
-
-
-def write_split(folder, split, documents, **extra):
-    tokens = np.concatenate([np.asarray(d, dtype=np.uint16) for d in documents]) if documents else np.zeros(0, np.uint16)
-    arrays = {"tokens": tokens, "sizes": np.array([len(d) for d in documents], dtype=np.int64)}
-    arrays.update(extra)
-    np.savez(os.path.join(folder, f"wiki.{split}.npz"), **arrays)
 
 
 class SmallFileTest(unittest.TestCase):
@@ -29,7 +22,7 @@ class SmallFileTest(unittest.TestCase):
         self.folder = tempfile.mkdtemp()
         # Three documents: 3, 6 and 2 tokens; the stream is 1..11.
         self.documents = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11]]
-        write_split(self.folder, "train", self.documents)
+        write_documents(self.folder, "train", self.documents)
 
     def items(self, **kwargs):
         dataset = Wikitext2(self.folder, "train", **kwargs)
@@ -56,7 +49,7 @@ class SmallFileTest(unittest.TestCase):
             ([4, 5, 6, 7, 8], [5, 6, 7, 8, 9], [1, 1, 1, 1, 1]),
             ([10, 0, 0, 0, 0], [11, 0, 0, 0, 0], [1, 0, 0, 0, 0]),
         ])
-        write_split(self.folder, "train", [[1, 2], [3, 4], [5, 6, 7], [8]])
+        write_documents(self.folder, "train", [[1, 2], [3, 4], [5, 6, 7], [8]])
         self.assertEqual(self.items(break_mode="complete", max_length=4)[0][0], [1, 2, 3, 0])
         self.assertEqual(self.items(break_mode="complete", max_length=6)[0][0], [1, 2, 3, 4, 5, 6])
 
@@ -72,7 +65,7 @@ class SmallFileTest(unittest.TestCase):
 
     def test_tensors_equal_the_stacked_items_in_every_mode(self):
         generator = np.random.default_rng(1)
-        write_split(self.folder, "train", [list(generator.integers(1, 50, size=int(n)))
+        write_documents(self.folder, "train", [list(generator.integers(1, 50, size=int(n)))
                                            for n in generator.integers(1, 12, size=40)])
         for mode in ("none", "lines", "complete"):
             for max_length, min_length in ((1, 0), (1, 1), (3, 0), (5, 1), (7, 2)):
@@ -134,7 +127,7 @@ class CourseBreakModeTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.folder)
 
     def bounds(self, documents, **kwargs):
-        write_split(self.folder, "train", documents)
+        write_documents(self.folder, "train", documents)
         return Wikitext2(self.folder, "train", **kwargs).bounds
 
     def test_long_line_tail_merges_with_the_short_lines_after_it(self):
@@ -186,7 +179,7 @@ class CourseBreakModeTest(unittest.TestCase):
         self.assertEqual(dataset[2]["mask"].tolist(), [1, 1, 0, 0, 0])
 
     def test_num_tokens_and_num_lines(self):
-        write_split(self.folder, "train", [[1, 2, 3], [4], [5, 6]])
+        write_documents(self.folder, "train", [[1, 2, 3], [4], [5, 6]])
         dataset = Wikitext2(self.folder, "train", break_mode="complete", max_length=4)
         self.assertEqual((dataset.num_tokens, dataset.num_lines), (6, 4))
 
@@ -277,7 +270,7 @@ class EmbeddingTest(unittest.TestCase):
         self.assertIn(f"embeddings file {self.path}: array 'tokens' holds Python objects", message)
         self.assertIn("prepare_data --force", message)
         self.assertNotIn("allow_pickle", message)
-        write_split(self.folder, "train", [[1, 2, 3]], tokens=objects)
+        write_documents(self.folder, "train", [[1, 2, 3]], tokens=objects)
         with self.assertRaises(ValueError) as caught:
             Wikitext2(self.folder, "train")
         message = str(caught.exception)

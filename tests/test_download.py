@@ -2,68 +2,34 @@
 badly, both as a plain web server and as the Hugging Face Hub answers huggingface_hub
 (tests/test_prepare_data.py serves its own files with it).
 
-Plain paths are /MODE/NAME. Hub paths are [/datasets]/OWNER/REPO/resolve/REVISION/NAME, answered
-to HEAD and GET with the headers hf_hub_download needs (X-Repo-Commit, ETag, Content-Length), in
-the mode OWNER names when it names one ("ok" otherwise, e.g. for openai-community/openai-gpt).
-MODE says how the server answers:
-
-    ok         the file, honouring Range (206)       norange    the whole file, Range ignored
-    404, 500   that status                           flaky      500 the first time, then ok
-    truncated  half the body, always (no Range); on a Hub path, with a Content-Length to match
-    badsum     the file with one byte changed
-    drop       half the body of the first GET, then the connection closes; ok (with Range) after
-    hang       nothing for 1 s (the client's timeout is shorter)
+The server (tests/helpers.py: FixtureServer) answers plain and Hub paths in the modes its
+docstring lists.
 
 huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, when imported: in this process
 `hub_client` sets the constants they set; tests/test_prepare_data.py also runs the command line in
 a child process with the variables themselves.
 """
-import collections
 import contextlib
 import dataclasses
 import errno
-import hashlib
-import http.server
 import io
 import json
-import logging
 import os
 import socket
-import sys
 import tempfile
-import threading
-import time
-import types
 import unittest
-import urllib.parse
 from unittest import mock
 
 import numpy as np
-from huggingface_hub import constants, file_download
-from huggingface_hub.utils import _cache_assets, _http
+from huggingface_hub import file_download
 from huggingface_hub.utils import httpx
 from safetensors.numpy import save_file
 
+from tests.helpers import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin, cache_files,
+                           quiet, read_folder, sha256, write_tiny_checkpoint)
 from utils import download as dl
 
-# Fast retries; a generous timeout, which only a "hang" test (with a policy of its own) reaches: a
-# loaded machine that kept the server thread waiting 2 s made an extra, retried request.
-FAST = dl.DownloadPolicy(retries=2, backoff_s=0.01, timeout_s=30.0, chunk_bytes=64 * 1024)
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 TENSOR_ROWS = {"tokens_embed.weight": None, "positions_embed.weight": 256}
-MODES = ("ok", "norange", "404", "500", "flaky", "truncated", "badsum", "drop", "hang")
-REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the pins hold
-
-def quiet(mirror=None, policy=FAST):
-    """A Fetcher without progress output, fast retries unless `policy` says otherwise."""
-    return dl.Fetcher(mirror, policy, progress=False)
-
-
-Request = collections.namedtuple("Request", "method mode name range sent hub authorization")
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_fixture_files(folder):
@@ -78,195 +44,6 @@ def make_fixture_files(folder):
         file.write(bytes(range(256)) * 1024)
     arrays = write_tiny_checkpoint(folder, rows=60, width=4)
     return read_folder(folder), arrays
-
-
-def write_tiny_checkpoint(folder, rows, width):
-    """A GPT-1-like `model.safetensors`: the two embedding tensors and one never asked for."""
-    arrays = {"tokens_embed.weight": np.arange(rows * width, dtype=np.float32).reshape(-1, width),
-              "positions_embed.weight": -np.arange(300 * width, dtype=np.float32).reshape(-1, width),
-              "h.0.mlp.c_fc.weight": np.ones((3, 5), dtype=np.float32)}
-    save_file(arrays, os.path.join(folder, "model.safetensors"))
-    return arrays
-
-
-def read_folder(folder):
-    """Every file of `folder`: name -> bytes."""
-    files = {}
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as file:
-            files[name] = file.read()
-    return files
-
-
-@contextlib.contextmanager
-def hub_client(endpoint, home, offline=False):
-    """huggingface_hub as HF_ENDPOINT=endpoint, HF_HOME=home and HF_HUB_OFFLINE set it up when
-    imported; its retries not waiting, its retry warnings kept quiet, and without the agent
-    registry its user agent fetches once a process (telemetry, a request no test counts on)."""
-    no_wait = types.SimpleNamespace(sleep=lambda seconds: None)
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with mock.patch.multiple(constants, ENDPOINT=endpoint, HF_HUB_OFFLINE=offline,
-                                 HUGGINGFACE_CO_URL_TEMPLATE=endpoint + "/{repo_id}/resolve/"
-                                                                        "{revision}/{filename}",
-                                 HF_HUB_CACHE=os.path.join(home, "hub"),
-                                 DOWNLOAD_CHUNK_SIZE=64 * 1024,  # several chunks per fixture
-                                 HF_ASSETS_CACHE=os.path.join(home, "assets"),
-                                 AGENT_HARNESSES_PATH=os.path.join(home, ".agent_harnesses.json"),
-                                 HF_HUB_DISABLE_TELEMETRY=True), \
-                mock.patch.object(_cache_assets, "HF_ASSETS_CACHE", os.path.join(home, "assets")), \
-                mock.patch.object(_http, "time", no_wait), \
-                mock.patch.object(file_download, "time", no_wait):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def hub_route(path):
-    """(mode, name, revision) of a request path; revision is None for a plain path."""
-    parts = urllib.parse.unquote(path.split("?")[0]).strip("/").split("/")
-    if "resolve" not in parts:
-        return parts[0], "/".join(parts[1:]), None
-    owner = parts[1] if parts[0] == "datasets" else parts[0]
-    return (owner if owner in MODES else "ok"), parts[-1], parts[parts.index("resolve") + 1]
-
-
-class FixtureServer:
-    """Serves `files` on 127.0.0.1 in the modes of the module docstring; logs every request."""
-
-    def __init__(self, files):
-        self.files = files
-        self.log = []  # Request entries
-        self.paths = []  # the path of each request, in order
-        self.seen = set()  # (mode, name) pairs already answered once
-        self.lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"fixture": self})
-        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def first_time(self, mode, name):
-        with self.lock:
-            first = (mode, name) not in self.seen
-            self.seen.add((mode, name))
-            return first
-
-    def requests(self, mode, name, method="GET"):
-        return [entry for entry in self.log if entry[:3] == (method, mode, name)]
-
-    def clear(self):
-        self.log.clear()
-        self.paths.clear()
-        self.seen.clear()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    """A threaded server that takes clients hanging up (timeouts, Ctrl-C tests) in its stride."""
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    fixture = None
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_HEAD(self):
-        self.respond()
-
-    def do_GET(self):
-        self.respond()
-
-    def respond(self):
-        mode, name, revision = hub_route(self.path)
-        range_header = self.headers.get("Range")
-        code, headers, payload = self.answer(mode, name, self.fixture.files.get(name), range_header,
-                                             revision is not None)
-        if revision is not None:
-            headers["X-Repo-Commit"] = revision
-        body = payload if self.command == "GET" else b""
-        # Logged before sending, so that a client that has its answer finds it in the log.
-        self.fixture.log.append(Request(self.command, mode, name, range_header, len(body),
-                                        revision is not None, self.headers.get("Authorization")))
-        self.fixture.paths.append(self.path)
-        if mode == "hang":
-            time.sleep(1.0)
-        self.send_response(code)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def answer(self, mode, name, data, range_header, hub):
-        """(status, headers, body) for `mode`; a body shorter than its Content-Length is cut."""
-        if data is None or mode == "404":
-            return 404, {"Content-Length": "0", "X-Error-Code": "EntryNotFound"}, b""
-        if mode in ("500", "hang") or (mode == "flaky" and self.fixture.first_time(mode, name)):
-            return 500, {"Content-Length": "0"}, b""
-        if mode == "badsum":
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {"Content-Length": str(len(data)), "ETag": f'"{sha256(data)}"'}
-        if mode != "norange":
-            headers["Accept-Ranges"] = "bytes"
-        if self.command == "HEAD":
-            return 200, headers, data
-        if mode == "truncated" and hub:  # a short body that looks whole, as a bad proxy sends
-            return 200, dict(headers, **{"Content-Length": str(len(data) // 2)}), data[:len(data) // 2]
-        if mode == "truncated" or (mode == "drop" and self.fixture.first_time(mode, name)):
-            return 200, headers, data[:len(data) // 2]
-        if range_header and mode in ("ok", "drop", "flaky"):
-            start, end = range_header.split("=")[1].split("-")
-            start, end = int(start), int(end) + 1 if end else len(data)
-            if start >= len(data):
-                return 416, {"Content-Length": "0"}, b""
-            headers.update({"Content-Length": str(end - start),
-                            "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
-            return 206, headers, data[start:end]
-        return 200, headers, data
-
-
-def cache_files(home):
-    """Every file under the Hub cache of `home` (blobs, links, partial downloads), relative."""
-    root = os.path.join(home, "hub")
-    return sorted(os.path.relpath(os.path.join(folder, name), root)
-                  for folder, _, names in os.walk(root) for name in names
-                  if not folder.startswith(os.path.join(root, ".locks")) and name != "CACHEDIR.TAG")
-
-
-class HubClientMixin:
-    """The class's fixture server (`cls.server`, closed after the class) and, per test, a work
-    folder (`self.work`) and huggingface_hub pointed at the server with an empty cache in
-    `self.home`; `hub()` points it elsewhere for the rest of the test."""
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.close()
-        cls.fixture_dir.cleanup()
-
-    def setUp(self):
-        self.work = tempfile.TemporaryDirectory()
-        self.home = os.path.join(self.work.name, "hf_home")
-        self.server.clear()
-        self.hub(self.server.base)
-
-    def tearDown(self):
-        self.work.cleanup()
-
-    def hub(self, endpoint, offline=False):
-        context = hub_client(endpoint, self.home, offline)
-        context.__enter__()
-        self.addCleanup(context.__exit__, None, None, None)
 
 
 class ServerCase(HubClientMixin, unittest.TestCase):

@@ -12,7 +12,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.test_run_exp import ROOT, TinyRunCase, run_main
+from tests.helpers import ROOT, TinyRunCase, run_main, slow
 from utils import batch_loss, training
 from utils.checkpoint import read_checkpoint, write_payload
 from utils.data_utils import read_log
@@ -172,6 +172,7 @@ class WorkerFolderTest(unittest.TestCase):
             pass
 
 
+@slow
 class OrphanTest(unittest.TestCase):
     def test_a_worker_ends_when_its_parent_is_killed(self):
         # parent (killed with -9) -> worker (watches the parent, as run_exp.py's main does)

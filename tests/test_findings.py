@@ -11,8 +11,7 @@ import shutil
 import tempfile
 import unittest
 
-from tests.test_report import (assert_shown, check_results_csv, latex_cells, markdown_rows,
-                               split_note)
+from tests.helpers import assert_shown, check_results_csv, latex_cells, markdown_rows, split_note
 from utils.config import EXPERIMENTS
 from utils.data_utils import write_log
 from utils.report import collect_runs, make_report

@@ -3,9 +3,6 @@
 The tiny models read a tiny GPT-1-style tokenizer (a vocab.json and merges.txt written by the
 test); the round trip on the real GPT-1 tokenizer reads `$SHARED_DATA_DIR/gpt1-bpe` when present.
 """
-import contextlib
-import io
-import json
 import math
 import os
 import shutil
@@ -17,6 +14,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from tests.helpers import SENTENCE_MERGES, run_cli, write_tiny_tokenizer
 from utils.checkpoint import read_checkpoint, save_checkpoint, write_payload
 from utils.cli import shared_data_path
 from utils.config import resolve_config
@@ -27,19 +25,13 @@ from utils.tokenization import TOKENIZER_FILES, GPT1Tokenizer
 from utils.wikitext2 import Wikitext2
 
 SEQUENCE_LENGTH = 16
-MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("s", "a"), ("sa", "t</w>"),
-          ("o", "n</w>"), ("m", "a"), ("ma", "t</w>")]
 SENTENCE = "the cat sat on the mat . "
 
 
-def write_tiny_tokenizer(folder):
-    """A GPT-1-format tokenizer: single characters, their end-of-word forms and a few merges."""
-    tokens = ["<unk>", ".", ",", ".</w>", ",</w>"] + list(string.ascii_lowercase)
-    tokens += [letter + "</w>" for letter in string.ascii_lowercase] + [a + b for a, b in MERGES]
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as file:
-        json.dump({token: index for index, token in enumerate(tokens)}, file)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as file:
-        file.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+def write_sentence_tokenizer(folder):
+    """A GPT-1-format tokenizer: single characters, their end-of-word forms and merges that make
+    the words of SENTENCE whole tokens."""
+    write_tiny_tokenizer(folder, SENTENCE_MERGES, symbols=(".", ",", *string.ascii_lowercase))
 
 
 def corpus_ids(tokenizer, count=60, seed=0):
@@ -69,11 +61,7 @@ def train_tiny(config, vocabulary_size, ids, steps=100):
 
 
 def run_main(argv):
-    """`main(argv)` with stdout and stderr captured: `(code, stdout, stderr)`."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(main, argv)
 
 
 def reference_greedy(model, prompt, count):
@@ -95,7 +83,7 @@ def tiny_fixtures():
     saved as checkpoints that record that folder as their data folder."""
     if not _FIXTURES:
         folder = tempfile.mkdtemp(prefix="test_generate_")
-        write_tiny_tokenizer(folder)
+        write_sentence_tokenizer(folder)
         tokenizer = GPT1Tokenizer.from_folder(folder)
         ids = corpus_ids(tokenizer)
         sizes = dict(embeddings="none", embedding_size=24, hidden_size=32, num_heads=2, layers=1,
@@ -296,7 +284,7 @@ class TestRoundTrip(unittest.TestCase):
 
     def test_tiny_tokenizer_round_trip(self):
         with tempfile.TemporaryDirectory() as folder:
-            write_tiny_tokenizer(folder)
+            write_sentence_tokenizer(folder)
             tokenizer = GPT1Tokenizer.from_folder(folder)
             ids = tokenizer.encode("The cat sat on the mat, the dog too.")
             self.assertEqual(tokenizer.decode(ids), "the cat sat on the mat , the dog too .")

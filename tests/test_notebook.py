@@ -14,6 +14,7 @@ import unittest
 
 import nbformat
 
+from tests.helpers import slow
 from utils.cli import shared_data_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,7 @@ class StaticTest(unittest.TestCase):
                 self.assertEqual(found, [], f"cell {index} defines {found}: move it into the package")
 
 
+@slow
 class SmokeRunTest(unittest.TestCase):
     """The whole notebook, executed in a fresh kernel with SMOKE = True."""
 

@@ -7,8 +7,7 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import TINY, skip_unless_cpu_autocast, tiny_gpt, tiny_lstm
-from tests.test_run_exp import TinyRunCase, run_main
+from tests.helpers import TINY, TinyRunCase, run_main, skip_unless_cpu_autocast, tiny_gpt, tiny_lstm
 from utils.config import resolve_config
 from utils.batch_loss import BatchLoss
 from utils.cli import cpu_name

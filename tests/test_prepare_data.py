@@ -1,5 +1,5 @@
-"""Tests of utils.prepare_data, all offline: the loopback HTTP server of tests/test_download.py
-(its docstring lists how it can answer) serves a tiny WikiText-2 raw zip, a tiny tokenizer and a
+"""Tests of utils.prepare_data, all offline: the loopback HTTP server of tests/helpers.py
+(FixtureServer's docstring lists how it can answer) serves a tiny WikiText-2 raw zip, a tiny tokenizer and a
 tiny safetensors checkpoint, as the Hugging Face Hub and as a plain mirror. How each download
 fails or resumes is tested there; here, what data preparation makes of it, with huggingface_hub's
 cache and offline mode, in this process and in child processes given HF_ENDPOINT, HF_HOME,
@@ -25,9 +25,8 @@ from unittest import mock
 
 import numpy as np
 
-from tests.test_download import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin,
-                                 cache_files, quiet, read_folder, sha256, write_tiny_checkpoint)
-from tests.test_tokenization import write_tiny_tokenizer
+from tests.helpers import (FAST, REVISION, UNREACHABLE, FixtureServer, HubClientMixin, cache_files, quiet,
+                           read_folder, sha256, slow, write_tiny_checkpoint, write_tiny_tokenizer)
 from utils import prepare_data as pd
 from utils.cli import shared_data_path
 from utils.download import HubFile, RemoteFile
@@ -299,6 +298,7 @@ def run_in_child(args, env, sources=None, module="utils.prepare_data"):
     return result.returncode, result.stdout, result.stderr
 
 
+@slow
 class HubEnvironmentTest(LoopbackCase):
     """The command line in child processes, huggingface_hub configured by the environment
     variables it reads when imported: HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE."""

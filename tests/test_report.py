@@ -4,7 +4,6 @@ The logs are synthetic but shaped like real runs (SGD starting in the tens of th
 that overfits after epoch 5, a CPU run without GPU memory, a custom exp id).
 """
 import contextlib
-import csv
 import io
 import json
 import math
@@ -16,11 +15,12 @@ import sys
 import tempfile
 import unittest
 
-from tests.helpers import shared_data_dir
+from tests.helpers import (check_results_csv, csv_rows, latex_cells, markdown_rows, run_cli,
+                           shared_data_dir)
 from utils.config import EXPERIMENTS, ExperimentConfig
 from utils.data_utils import write_log
 from utils.report import ReportError, main, make_report
-from utils.report.tables import REFERENCE_FIELDS, RESULT_FIELDS
+from utils.report.tables import RESULT_FIELDS
 from utils.report.published import (PUBLISHED_RUNS_PATH, published_runs, reference_best,
                                     reference_curves)
 
@@ -85,103 +85,9 @@ MAIN_RUNS = ("1", "2", "3", "9", "5", "7")  # no 6, 11, 12: the GPT depth compar
 MAIN_ORDER = ["1", "2", "3", "9", "5", "7", "tiny_gpt"]  # LSTM by layers then optimizer, then GPT
 
 
-def markdown_rows(path):
-    """The body rows of the first Markdown table of `path`, as lists of cell strings."""
-    with open(path, encoding="utf-8") as file:
-        lines = [line for line in file.read().splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    return header, rows
-
-
-def csv_rows(path):
-    with open(path, encoding="utf-8", newline="") as file:
-        return list(csv.DictReader(file))
-
-
-# A unit a shown number may carry, and what it multiplies the number by.
-UNITS = ((" min", 60.0), (" s", 1.0), (" h", 3600.0), ("%", 0.01), ("M", 1e6), ("k", 1e3))
-
-
-def shown_number(text):
-    """(value, half of the last shown digit) of a table's "1,234.5", "13.9 min", "6.0%", "12.00M"."""
-    text, scale = text.strip("*"), 1.0
-    for unit, factor in UNITS:
-        if text.endswith(unit):
-            text, scale = text[:-len(unit)], factor
-            break
-    digits = len(text.split(".")[1]) if "." in text else 0
-    return float(text.replace(",", "")) * scale, 0.5 * 10 ** -digits * scale
-
-
-def assert_shown(test, text, value, where=""):
-    """`text`, a table's cell, shows `value`: "–" for None, else the number rounded as shown."""
-    if value is None or value == "":
-        test.assertEqual(text, "–", where)
-        return
-    if isinstance(value, str) and not re.fullmatch(r"-?[\d.e+-]+", value):
-        test.assertEqual(text.replace("\\", ""), value, where)
-        return
-    shown, tolerance = shown_number(text)
-    test.assertLessEqual(abs(float(value) - shown), tolerance * (1 + 1e-9) + 1e-9,
-                         f"{where}: {text!r} does not show {value!r}")
-
-
-def split_note(text):
-    """"146.0 (10)" -> ("146.0", "10"); a cell without a bracketed note -> (text, None)."""
-    match = re.fullmatch(r"(.*) \((.*)\)", text)
-    return (match.group(1), match.group(2)) if match else (text, None)
-
-
-# The results table's columns and the results.csv fields each shows (two for "value (note)" or
-# "A / B" cells).
-RESULT_COLUMNS = {
-    "exp": ("exp",), "arch.": ("architecture",), "layers": ("layers",),
-    "optimizer": ("optimizer",), "dropout": ("dropout",), "train ppl @ best": ("train_ppl_at_best",),
-    "best valid ppl (epoch)": ("best_valid_ppl", "best_epoch"), "test ppl": ("test_ppl",),
-    "s/epoch": ("seconds_per_epoch",), "time to best": ("time_to_best",),
-    "params learnable / total": ("learnable_parameters", "total_parameters"),
-    "GPU MB steady": ("gpu_steady_mb",),
-    "ref. A valid ppl (epoch)": ("ref_a_valid_ppl", "ref_a_epoch"),
-    "ref. B valid ppl": ("ref_b_valid_ppl",), "ref. A s/epoch": ("ref_a_seconds_per_epoch",),
-    "ref. GPU MB A / B": ("ref_a_gpu_memory_mb", "ref_b_gpu_memory_mb")}
-
-
-def check_results_csv(test, out):
-    """results.csv has the runs of results.md in the same order, each cell showing its values."""
-    header, rows = markdown_rows(os.path.join(out, "tables", "results.md"))
-    records = csv_rows(os.path.join(out, "tables", "results.csv"))
-    test.assertEqual([r["exp"] for r in records], [row[0].replace("\\", "") for row in rows])
-    reference = "ref. B valid ppl" in header
-    test.assertEqual(list(records[0]), list(RESULT_FIELDS + (REFERENCE_FIELDS if reference else ())))
-    shown = set()
-    for row, record in zip(rows, records, strict=True):
-        for name, text in zip(header, row, strict=True):
-            fields = RESULT_COLUMNS[name]
-            shown.update(fields)
-            if len(fields) == 1:
-                assert_shown(test, text, record[fields[0]], f"exp {record['exp']}, {name}")
-                continue
-            if text == "–":
-                parts = ["–", "–"]
-            elif " / " in text:
-                parts = text.split(" / ")
-            else:
-                value, note = split_note(text)
-                parts = [value, "–" if note is None else note]
-            for field, part in zip(fields, parts, strict=True):
-                assert_shown(test, part, record[field], f"exp {record['exp']}, {name}")
-    # Every CSV field is shown by the table, save dropout when no run has any.
-    test.assertEqual(set(records[0]) - shown, set() if "dropout" in header else {"dropout"})
-
-
 def read_bytes(path):
     with open(path, "rb") as file:
         return file.read()
-
-
-def latex_cells(line):
-    return re.split(r"(?<!\\)&", line.rstrip().removesuffix("\\\\"))
 
 
 class ReportTest(unittest.TestCase):
@@ -397,10 +303,7 @@ class ReferenceTest(unittest.TestCase):
 
 
 def run_main(argv):
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(argv)
-    return code, stdout.getvalue(), stderr.getvalue()
+    return run_cli(main, argv)
 
 
 class OddInputTest(unittest.TestCase):

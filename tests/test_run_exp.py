@@ -1,6 +1,4 @@
 """run_exp.py: presets, smoke runs, exact perplexity, logs, resume after kill -9, bad input, torchrun."""
-import contextlib
-import io
 import json
 import math
 import os
@@ -8,14 +6,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import numpy as np
 import torch
 
-import run_exp
-from tests.helpers import skip_unless_cpu_autocast
+from tests.helpers import (RUN_DATA, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
+                           subprocess_env, wait_for, write_long_epoch)
 from utils import training
 from utils.models import load_checkpoint
 from utils.config import EXPERIMENTS
@@ -23,55 +20,7 @@ from utils.data_utils import read_log
 from utils.language_model import token_nll
 from utils.wikitext2 import Wikitext2
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCABULARY, WIDTH, POSITIONS = 61, 16, 32
-
-
-def make_tiny_data(folder, seed=0):
-    """Three small splits with ids in 1..60 and a matching embeddings.npz (vocabulary 61, width 16)."""
-    generator = np.random.default_rng(seed)
-    for split, count in (("train", 40), ("validation", 12), ("test", 12)):
-        sizes = generator.integers(5, 60, size=count)
-        # A repetitive stream, so that a few steps already lower the loss.
-        tokens = (np.arange(sizes.sum()) * 7 % 29 + 1 + generator.integers(0, 3, sizes.sum())).astype(np.uint16)
-        np.savez(os.path.join(folder, f"wiki.{split}.npz"), tokens=tokens, sizes=sizes.astype(np.int64))
-    np.savez(os.path.join(folder, "embeddings.npz"),
-             tokens=(generator.normal(size=(VOCABULARY, WIDTH)) * 0.3).astype(np.float32),
-             position=(generator.normal(size=(POSITIONS, WIDTH)) * 0.1).astype(np.float32))
-
-
-def make_long_epoch_data(folder):
-    """Tiny splits whose training epoch is long enough (about 0.7 s on a fast idle machine, longer
-    on a busy one) for a test to signal or kill the run within its next epochs."""
-    make_tiny_data(folder)
-    generator = np.random.default_rng(1)
-    sizes = generator.integers(5, 60, size=1500)
-    tokens = (np.arange(sizes.sum()) % 29 + 1).astype(np.uint16)
-    np.savez(os.path.join(folder, "wiki.train.npz"), tokens=tokens, sizes=sizes.astype(np.int64))
-
-
-def run_main(*argv):
-    """`run_exp.main(argv)` in this process: `(exit code, stdout, stderr)`."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = run_exp.main([str(a) for a in argv])
-        except SystemExit as exit:  # argparse's own exit on a bad flag
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
-
-
-class TinyRunCase(unittest.TestCase):
-    def setUp(self):
-        self.data = tempfile.mkdtemp()
-        make_tiny_data(self.data)
-        self.logs = tempfile.mkdtemp()
-
-    def args(self, exp_id, model="lstm", *extra):
-        return ["--exp_id", exp_id, "--model", model, "--data_folder", self.data,
-                "--embeddings", os.path.join(self.data, "embeddings.npz"), "--sequence_length", 16,
-                "--hidden_size", 24, "--num_heads", 2, "--batch_size", 4, "--epochs", 2,
-                "--log_dir", self.logs, "--device", "cpu", "--print_every", 0, *extra]
+VOCABULARY, WIDTH = RUN_DATA["vocabulary_size"], RUN_DATA["width"]
 
 
 class PresetTest(unittest.TestCase):
@@ -341,52 +290,33 @@ class BadInputTest(TinyRunCase):
             self.assertTrue(math.isfinite(entry["train_loss"]))
 
 
-def subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def children_take_sigint(test):
-    """Let the child processes `test` starts be stopped by SIGINT.
-
-    A test run started in the background by a non-interactive shell (`python -m unittest &`)
-    ignores SIGINT, its children inherit that, and run_exp.py keeps an ignored SIGINT ignored, as
-    `command &` asks. A handler here (not SIG_IGN) makes exec give the children the default."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        test.addCleanup(signal.signal, signal.SIGINT, signal.SIG_IGN)
-
-
+@slow
 class KillResumeTest(TinyRunCase):
     """A run killed with SIGKILL and resumed ends with the numbers of a run left alone."""
 
     def test_kill_nine_then_resume(self):
         # Epochs of tiny data take some 25 ms: the run could end before this process, polling on a
         # busy machine, sees epoch 1 and kills it. Long epochs leave it three epochs to do so.
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         args = [str(a) for a in self.args("k", "gpt1", "--epochs", 4)]
         command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *args]
         env = subprocess_env()
         reference_logs = tempfile.mkdtemp()
         reference = [a if a != self.logs else reference_logs for a in command]
-        subprocess.run(reference, env=env, check=True, capture_output=True, timeout=300)
+        # The run left alone goes on beside the killed one and its resumption.
+        alone_run = subprocess.Popen(reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(alone_run.kill)
 
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log_path = os.path.join(self.logs, "k", "log.json")
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if len(read_log(log_path)["epochs"]) >= 1:
-                    break
-            except Exception:  # not written yet
-                pass
-            time.sleep(0.02)
+        wait_for(lambda: len(read_log(log_path)["epochs"]) >= 1, timeout=240)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         killed_at = len(read_log(log_path)["epochs"])
         self.assertLess(killed_at, 4, "the run finished before it could be killed")
         subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+        _, err = alone_run.communicate(timeout=300)
+        self.assertEqual(alone_run.returncode, 0, err)
 
         resumed = read_log(log_path)
         alone = read_log(os.path.join(reference_logs, "k", "log.json"))
@@ -401,6 +331,7 @@ class KillResumeTest(TinyRunCase):
                 self.assertTrue(torch.equal(a[key], b[key]), key)
 
 
+@slow
 class TorchrunTest(TinyRunCase):
     """Two gloo processes with the same global batch train like one process."""
 

@@ -22,16 +22,13 @@ from unittest import mock
 
 import numpy as np
 
-from tests.test_run_exp import (ROOT, TinyRunCase, children_take_sigint, make_long_epoch_data, run_main,
-                                 subprocess_env)
+from tests.helpers import (RUN_EXP, TINY, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, tiny_lstm,
+                           wait_for, write_long_epoch)
 from utils import checkpoint, experiment, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
 from utils.cli import UsageError
 from utils.data_utils import read_log
 from utils.wikitext2 import read_split
-
-RUN_EXP = os.path.join(ROOT, "run_exp.py")
-
 
 def digests(folder):
     """sha256 of every file under `folder`, by relative path."""
@@ -42,18 +39,6 @@ def digests(folder):
             with open(path, "rb") as file:
                 found[os.path.relpath(path, folder)] = hashlib.sha256(file.read()).hexdigest()
     return found
-
-
-def wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if predicate():
-                return True
-        except Exception:  # a file not written yet
-            pass
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 class SafetyCase(TinyRunCase):
@@ -105,9 +90,10 @@ class OverwriteTest(SafetyCase):
         self.assertEqual(digests(os.path.join(self.logs, "o")), before)
 
 
+@slow
 class OneOwnerTest(SafetyCase):
     def test_two_runs_of_one_id_started_together(self):
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         env = subprocess_env()
         processes = [subprocess.Popen(self.command("same", "lstm", "--epochs", 1), env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -126,7 +112,7 @@ class OneOwnerTest(SafetyCase):
         self.assertIn(f"test ppl {log['test']['ppl']:.2f}", winner)  # the folder holds the winner's run
 
     def test_a_second_process_is_refused_naming_the_owner(self):
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         first = subprocess.Popen(self.command("busy", "lstm", "--epochs", 50), env=subprocess_env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(first.wait)
@@ -276,13 +262,15 @@ class SignalsTest(SafetyCase):
     def interrupt_and_resume(self, signum, code, wait_epochs, epochs=2):
         """Signal a run of `epochs` once `wait_epochs` are logged: the signal must arrive within its
         remaining epochs less the 0.3 s sleep, or the run finishes first."""
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         children_take_sigint(self)
         exp_id = f"s{signum}"
         alone = [a if a != self.logs else self.logs + "-alone"
                  for a in self.command(exp_id, "lstm", "--epochs", epochs)]
         self.addCleanup(shutil.rmtree, self.logs + "-alone", True)
-        subprocess.run(alone, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+        # The run left alone goes on beside the signalled one and its resumption.
+        alone_run = subprocess.Popen(alone, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(alone_run.kill)
         process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", epochs), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(self.log(exp_id)["epochs"]) >= wait_epochs)
@@ -298,6 +286,8 @@ class SignalsTest(SafetyCase):
         result = subprocess.run(self.command(exp_id, "lstm", "--epochs", epochs, "--resume"), env=subprocess_env(),
                                 capture_output=True, text=True, timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr)
+        _, alone_err = alone_run.communicate(timeout=300)
+        self.assertEqual(alone_run.returncode, 0, alone_err)
         resumed, reference = self.log(exp_id), read_log(os.path.join(self.logs + "-alone", exp_id, "log.json"))
         keys = ("epoch", "steps", "train_loss", "valid_loss", "train_tokens")
         self.assertEqual([{k: e[k] for k in keys} for e in resumed["epochs"]],
@@ -336,16 +326,19 @@ class SignalsTest(SafetyCase):
                 left = os.listdir(os.path.join(self.logs, exp_id))
                 self.assertFalse({"last.pt", "best.pt", ".replaced"} & set(left), left)
 
+    @slow
     def test_sigterm_during_epoch_two(self):
         # Three epochs: with two, only epoch 2 less the 0.3 s sleep (some 0.35 s) was left for the
         # signal to arrive before the run finished.
         self.interrupt_and_resume(signal.SIGTERM, 143, wait_epochs=1, epochs=3)
 
+    @slow
     def test_sigint_in_the_first_epoch(self):
         self.interrupt_and_resume(signal.SIGINT, 130, wait_epochs=0)
 
+    @slow
     def test_kill_nine_is_recognised(self):
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         process = subprocess.Popen(self.command("k9", "lstm", "--epochs", 3), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: len(self.log("k9")["epochs"]) >= 1)
@@ -499,8 +492,6 @@ class DataChecksTest(unittest.TestCase):
 class LstmPromptTest(unittest.TestCase):
     def test_a_long_prompt_builds_one_row_of_outputs(self):
         import torch
-
-        from tests.helpers import TINY, tiny_lstm
 
         model = tiny_lstm().eval()
         prompt = torch.randint(1, TINY["vocabulary_size"], (1, 5000))

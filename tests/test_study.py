@@ -9,8 +9,8 @@ import tempfile
 import unittest
 from unittest import mock
 
-from tests.test_run_exp import TinyRunCase, children_take_sigint, run_main, subprocess_env
-from tests.test_run_safety import RUN_EXP, make_long_epoch_data, wait_for
+from tests.helpers import (RUN_EXP, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, wait_for,
+                           write_long_epoch)
 from utils.data_utils import read_log
 from utils.study import Outcome, exit_code, summary_table, worker_command_line
 
@@ -34,7 +34,15 @@ class StudyCase(TinyRunCase):
 
 
 class ParallelTest(StudyCase):
+    @slow
     def test_workers_equal_their_configuration_run_alone(self):
+        alone = {}  # each configuration run alone, once, in this process
+        for exp_id in ("p1", "p2", "p3"):
+            alone_logs = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, alone_logs, True)
+            self.assertEqual(run_main(*[a if a != self.logs else alone_logs
+                                        for a in self.args(exp_id, "gpt1", "--epochs", 2)])[0], 0)
+            alone[exp_id] = self.numbers(self.log(exp_id, alone_logs))
         for jobs in (2, 3):
             with self.subTest(jobs=jobs):
                 logs = tempfile.mkdtemp()
@@ -47,12 +55,9 @@ class ParallelTest(StudyCase):
                 self.assertIn("3 configuration(s) in", out)
                 for exp_id in ids.split(","):
                     self.assertRegex(out, rf"\n{exp_id} +finished +\d")
-                    alone_logs = tempfile.mkdtemp()
-                    self.addCleanup(shutil.rmtree, alone_logs, True)
-                    alone = [a if a != self.logs else alone_logs for a in self.args(exp_id, "gpt1", "--epochs", 2)]
-                    self.assertEqual(run_main(*alone)[0], 0)
-                    self.assertEqual(self.numbers(self.log(exp_id, logs)), self.numbers(self.log(exp_id, alone_logs)))
+                    self.assertEqual(self.numbers(self.log(exp_id, logs)), alone[exp_id])
 
+    @slow
     def test_a_failing_configuration_leaves_the_others_finishing(self):
         self.assertEqual(run_main(*self.args("bad", "lstm", "--epochs", 1))[0], 0)
         for name in ("last.pt", "best.pt"):  # a run that cannot continue: a log, no checkpoint
@@ -72,8 +77,9 @@ class ParallelTest(StudyCase):
             self.assertEqual(self.log(exp_id)["status"], "finished")
             self.assertRegex(out, rf"\n{exp_id} +finished")
 
+    @slow
     def test_sigint_stops_every_worker_and_resume_completes_the_set(self):
-        make_long_epoch_data(self.data)
+        write_long_epoch(self.data)
         children_take_sigint(self)
         # Three epochs: i1 must still be running when i2, started with it but maybe seconds later
         # on a busy machine, has written its first log (else i1 finishes and i3 starts).
@@ -103,6 +109,7 @@ class ParallelTest(StudyCase):
         self.assertIn("test ppl", out)
         self.assertFalse(os.path.exists(os.path.join(self.logs, "solo", "output.txt")))
 
+    @slow
     def test_finished_runs_are_skipped_unless_asked_otherwise(self):
         self.assertEqual(run_main(*self.args("f1", "lstm", "--epochs", 1))[0], 0)
         code, out, err = run_main(*self.args("f1,f2", "lstm", "--epochs", 1, "--jobs", 2))

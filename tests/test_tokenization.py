@@ -4,8 +4,6 @@ vocabulary, then fidelity to the course's data.
 The fidelity test reads the official arrays from $SHARED_DATA_DIR (../shared/data) and is
 skipped, saying so, when that is not set or lacks the files.
 """
-import contextlib
-import io
 import json
 import lzma
 import os
@@ -16,6 +14,7 @@ from unittest import mock
 
 import numpy as np
 
+from tests.helpers import run_cli, write_tiny_tokenizer
 from utils import bench_tokenizer
 from utils.cli import shared_data_path
 from utils.data_folder import SPLITS, split_file
@@ -24,24 +23,6 @@ from utils.tokenization import GPT1Tokenizer
 SHARED_DATA_DIR = shared_data_path()
 # Written where the course wrote <unk>: a character outside GPT-1's vocabulary.
 UNK_STANDIN = "\u2013"
-
-
-def write_tiny_tokenizer(folder):
-    """Write a small OpenAI-format vocab.json + merges.txt in `folder`; return the vocabulary.
-
-    Letters and a few punctuation marks, each alone and as a word end, and the merges
-    t+h, th+e</w>, c+a, ca+t</w>. "!" is left out so that it becomes <unk>.
-    """
-    symbols = list("abcdefghijklmnopqrstuvwxyz.,='")
-    tokens = ["<unk>"] + symbols + [symbol + "</w>" for symbol in symbols]
-    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
-    tokens += ["th", "the</w>", "ca", "cat</w>"]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as file:
-        json.dump(vocab, file)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as file:
-        file.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
-    return vocab
 
 
 class TinyVocabularyTest(unittest.TestCase):
@@ -109,14 +90,8 @@ class TinyVocabularyTest(unittest.TestCase):
 class BenchTokenizerTest(unittest.TestCase):
 
     def run_main(self, argv, environ):
-        out, err = io.StringIO(), io.StringIO()
-        with mock.patch.dict(os.environ, environ, clear=True), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = bench_tokenizer.main(argv)
-            except SystemExit as exit_:
-                code = exit_.code
-        return code, out.getvalue(), err.getvalue()
+        with mock.patch.dict(os.environ, environ, clear=True):
+            return run_cli(bench_tokenizer.main, argv)
 
     def test_counts_documents_and_tokens(self):
         with tempfile.TemporaryDirectory() as folder:
