@@ -1,5 +1,7 @@
+# BEGIN SOLUTION NO PROMPT
 # `# BEGIN SOLUTION` / `# END SOLUTION` mark the graded answers, which `python -m utils.starter` turns
 # into TODOs; `# BEGIN SOLUTION NO PROMPT` marks solution-only code the starter drops (docs/STARTER.md).
+# END SOLUTION
 """MiniGPT1: a small GPT-1 (Radford et al., 2018) of the course (IFT6135 assignment 2).
 
 Legend: B batch, T time, C channels (embedding size), H heads, D head size (C = H * D),
@@ -79,18 +81,15 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm).
-
-    `fused` (default True) makes `forward` use `LayerNormFunction`, the same formula with a
-    hand-derived backward pass; False differentiates the written-out formula of `explicit`
-    through autograd (the benchmark's reference path).
-    """
+    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm)."""
 
     def __init__(self, hidden_size, eps=1e-5):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
         # BEGIN SOLUTION NO PROMPT
+        # True: `forward` uses `LayerNormFunction`, the same formula with a hand-derived backward
+        # pass; False differentiates the written-out formula through autograd (the reference path).
         self.fused = True
         # END SOLUTION
         self.weight = nn.Parameter(torch.empty(hidden_size))
@@ -125,18 +124,9 @@ class LayerNorm(nn.Module):
 class MultiHeadedAttention(nn.Module):
     """Causal multi-headed self-attention with affine Q, K, V and output maps.
 
-    `fused` (default True) makes `forward` compute Q, K and V in one product and use PyTorch's
-    scaled-dot-product attention kernel (flash attention on a GPU); it computes the same function
-    as the three maps followed by `get_attention_weights` and `apply_attention`, which stay the
-    explicit definitions. Set it to False for the course's straightforward path (the benchmark's
-    reference).
-
     `dropout` (keyword-only, default 0): in train mode, the probability of zeroing an attention
-    weight (in `apply_attention`, or inside the fused kernel) and a unit of the output projection
-    (the residual branch). `get_attention_weights` stays the plain softmax.
-
-    Second derivatives (a graph of the gradient): PyTorch's fused kernel has none and raises; the
-    course's path (`fused = False`) has them.
+    weight (after `get_attention_weights`, which stays the plain softmax) and a unit of the output
+    projection (the residual branch).
     """
 
     def __init__(self, head_size, num_heads, sequence_length, *, dropout=0.0):
@@ -147,8 +137,11 @@ class MultiHeadedAttention(nn.Module):
         self.attention_dropout = nn.Dropout(dropout)
         self.residual_dropout = nn.Dropout(dropout)
 
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION NO PROMPT
+        # True: `forward` is `fused_forward`; False: the course's path (the benchmark's reference).
         self.fused = True
+        # END SOLUTION
+        # BEGIN SOLUTION
         width = num_heads * head_size
         self.queries = nn.Linear(width, width)
         self.keys = nn.Linear(width, width)
@@ -213,7 +206,12 @@ class MultiHeadedAttention(nn.Module):
 
     # BEGIN SOLUTION NO PROMPT
     def fused_forward(self, hidden_states):
-        """`forward` with `fused`: the three maps as one product, then PyTorch's attention kernel."""
+        """`forward` with `fused`: the three maps as one product, then PyTorch's attention kernel.
+
+        The same function as the three maps, `get_attention_weights` and `apply_attention` (flash
+        attention on a GPU; dropout drawn inside the kernel). It has no second derivatives (a graph
+        of the gradient raises); the course's path (`fused = False`) has them.
+        """
         check_length(hidden_states.shape[1], self.sequence_length)
         # The same three maps as one product with their weights stacked: a third of the kernel
         # launches forward and backward (and of autocast's casts), which bound a GPU step.

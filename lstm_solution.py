@@ -1,5 +1,7 @@
+# BEGIN SOLUTION NO PROMPT
 # `# BEGIN SOLUTION` / `# END SOLUTION` mark the graded answers, which `python -m utils.starter` turns
 # into TODOs; `# BEGIN SOLUTION NO PROMPT` marks solution-only code the starter drops (docs/STARTER.md).
+# END SOLUTION
 """The LSTM language model of the course (IFT6135 assignment 2), with weights tied to its input.
 
 Legend: B batch, T time, E embedding size, H hidden size, L layers, V vocabulary.
