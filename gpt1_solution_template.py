@@ -1,3 +1,7 @@
+# BEGIN SOLUTION NO PROMPT
+# `# BEGIN SOLUTION` / `# END SOLUTION` mark the graded answers, which `python -m utils.starter` turns
+# into TODOs; `# BEGIN SOLUTION NO PROMPT` marks solution-only code the starter drops (docs/STARTER.md).
+# END SOLUTION
 """MiniGPT1: a small GPT-1 (Radford et al., 2018) of the course (IFT6135 assignment 2).
 
 Legend: B batch, T time, C channels (embedding size), H heads, D head size (C = H * D),
@@ -23,6 +27,14 @@ from utils.embeddings import GPT1Embedding, load_embedding_arrays
 from utils.language_model import LanguageModel
 
 
+def check_length(length, sequence_length):
+    """Refuse, naming both, a sequence longer than the positions the model has."""
+    if length > sequence_length:
+        raise ValueError(f"sequence of length {length} is longer than sequence_length="
+                         f"{sequence_length}; cut the input to at most that many tokens")
+
+
+# BEGIN SOLUTION NO PROMPT
 class LayerNormFunction(torch.autograd.Function):
     """Layer normalisation over the last dimension, with its backward pass derived by hand.
 
@@ -65,36 +77,44 @@ class LayerNormFunction(torch.autograd.Function):
         centred = grad_normalised - grad_normalised.mean(dim=-1, keepdim=True)  # (*, C)
         grad_inputs = torch.addcmul(centred, normalised, projection, value=-1) * inverse_std  # (*, C)
         return grad_inputs, grad_weight, grad_bias, None
+# END SOLUTION
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm).
-
-    `fused` (default True) makes `forward` use `LayerNormFunction`, the same formula with a
-    hand-derived backward pass; False differentiates the written-out formula of `explicit`
-    through autograd (the benchmark's reference path).
-    """
+    """Layer normalisation over the last dimension, written out (biased variance, as nn.LayerNorm)."""
 
     def __init__(self, hidden_size, eps=1e-5):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        # BEGIN SOLUTION NO PROMPT
+        # True: `forward` uses `LayerNormFunction`, the same formula with a hand-derived backward
+        # pass; False differentiates the written-out formula through autograd (the reference path).
         self.fused = True
+        # END SOLUTION
         self.weight = nn.Parameter(torch.empty(hidden_size))
         self.bias = nn.Parameter(torch.empty(hidden_size))
         self.reset_parameters()
 
     def forward(self, inputs):
         """`inputs` `(*, hidden_size)` -> same shape, each last-dimension vector normalised."""
+        # BEGIN SOLUTION NO PROMPT
         if self.fused:
             return LayerNormFunction.apply(inputs, self.weight, self.bias, self.eps)
-        return self.explicit(inputs)
-
-    def explicit(self, inputs):
-        """`forward` written out for autograd: `(*, hidden_size)` -> same shape."""
+        # END SOLUTION
+        # BEGIN SOLUTION
         variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each, biased
         normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
         return normalised * self.weight + self.bias
+        # END SOLUTION
+
+    # BEGIN SOLUTION NO PROMPT
+    def explicit(self, inputs):
+        """`forward`'s course path whatever `fused` says, for autograd: `(*, hidden_size)` -> same shape."""
+        variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each, biased
+        normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
+        return normalised * self.weight + self.bias
+    # END SOLUTION
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
@@ -104,18 +124,9 @@ class LayerNorm(nn.Module):
 class MultiHeadedAttention(nn.Module):
     """Causal multi-headed self-attention with affine Q, K, V and output maps.
 
-    `fused` (default True) makes `forward` compute Q, K and V in one product and use PyTorch's
-    scaled-dot-product attention kernel (flash attention on a GPU); it computes the same function
-    as the three maps followed by `get_attention_weights` and `apply_attention`, which stay the
-    explicit definitions. Set it to False for the course's straightforward path (the benchmark's
-    reference).
-
     `dropout` (keyword-only, default 0): in train mode, the probability of zeroing an attention
-    weight (in `apply_attention`, or inside the fused kernel) and a unit of the output projection
-    (the residual branch). `get_attention_weights` stays the plain softmax.
-
-    Second derivatives (a graph of the gradient): PyTorch's fused kernel has none and raises; the
-    course's path (`fused = False`) has them.
+    weight (after `get_attention_weights`, which stays the plain softmax) and a unit of the output
+    projection (the residual branch).
     """
 
     def __init__(self, head_size, num_heads, sequence_length, *, dropout=0.0):
@@ -123,10 +134,14 @@ class MultiHeadedAttention(nn.Module):
         self.head_size = head_size
         self.num_heads = num_heads
         self.sequence_length = sequence_length
-        self.fused = True
         self.attention_dropout = nn.Dropout(dropout)
         self.residual_dropout = nn.Dropout(dropout)
 
+        # BEGIN SOLUTION NO PROMPT
+        # True: `forward` is `fused_forward`; False: the course's path (the benchmark's reference).
+        self.fused = True
+        # END SOLUTION
+        # BEGIN SOLUTION
         width = num_heads * head_size
         self.queries = nn.Linear(width, width)
         self.keys = nn.Linear(width, width)
@@ -135,6 +150,7 @@ class MultiHeadedAttention(nn.Module):
         # s in the course's formula; a buffer so it follows .to(device), not saved in state_dicts.
         causal = torch.tril(torch.ones(sequence_length, sequence_length))
         self.register_buffer("causal_mask", causal, persistent=False)
+        # END SOLUTION
 
     def get_attention_weights(self, queries, keys):
         """Causal attention weights.
@@ -142,41 +158,61 @@ class MultiHeadedAttention(nn.Module):
         `queries`, `keys` `(B, H, T, head_size)` -> `(B, H, T, T)`: softmax over the last
         dimension of x~ = x * s - 1e4 * (1 - s), x = Q K^T / sqrt(head_size), s lower-triangular.
         """
+        # BEGIN SOLUTION
         length = queries.shape[-2]
         scores = queries @ keys.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, T)
         s = self.causal_mask[:length, :length]  # (T, T)
         scores = scores * s - 1e4 * (1 - s)
         return torch.softmax(scores, dim=-1)  # (B, H, T, T)
+        # END SOLUTION
 
     def apply_attention(self, queries, keys, values):
         """`(B, H, T, head_size)` three times -> `(B, T, H * head_size)`: merged heads of A V."""
+        # BEGIN SOLUTION
         weights = self.attention_dropout(self.get_attention_weights(queries, keys))  # (B, H, T, T)
         return self.merge_heads(weights @ values)  # (B, H, T, D) -> (B, T, H * D)
+        # END SOLUTION
 
     def split_heads(self, tensor):
         """`(B, T, H * dim)` -> `(B, H, T, dim)` with `y[b, h, t, i] = x[b, t, h * dim + i]`."""
+        # BEGIN SOLUTION
         batch_size, length, width = tensor.shape
         tensor = tensor.view(batch_size, length, self.num_heads, width // self.num_heads)  # (B, T, H, dim)
         return tensor.transpose(1, 2)  # (B, H, T, dim)
+        # END SOLUTION
 
     def merge_heads(self, tensor):
         """`(B, H, T, dim)` -> `(B, T, H * dim)`: the inverse of `split_heads`."""
+        # BEGIN SOLUTION
         batch_size, num_heads, length, dim = tensor.shape
         tensor = tensor.transpose(1, 2)  # (B, T, H, dim)
         return tensor.reshape(batch_size, length, num_heads * dim)  # (B, T, H * dim)
+        # END SOLUTION
 
     def forward(self, hidden_states):
         """`hidden_states` `(B, T, H * head_size)` with `T <= sequence_length` -> same shape."""
-        length = hidden_states.shape[1]
-        if length > self.sequence_length:
-            raise ValueError(f"sequence of length {length} is longer than sequence_length="
-                             f"{self.sequence_length}; cut the input to at most that many tokens")
-        if not self.fused:
-            queries = self.split_heads(self.queries(hidden_states))  # (B, H, T, D)
-            keys = self.split_heads(self.keys(hidden_states))  # (B, H, T, D)
-            values = self.split_heads(self.values(hidden_states))  # (B, H, T, D)
-            attended = self.apply_attention(queries, keys, values)  # (B, T, H * D)
-            return self.residual_dropout(self.output(attended))  # (B, T, H * D)
+        # BEGIN SOLUTION NO PROMPT
+        if self.fused:
+            return self.fused_forward(hidden_states)
+        # END SOLUTION
+        # BEGIN SOLUTION
+        check_length(hidden_states.shape[1], self.sequence_length)
+        queries = self.split_heads(self.queries(hidden_states))  # (B, H, T, D)
+        keys = self.split_heads(self.keys(hidden_states))  # (B, H, T, D)
+        values = self.split_heads(self.values(hidden_states))  # (B, H, T, D)
+        attended = self.apply_attention(queries, keys, values)  # (B, T, H * D)
+        return self.residual_dropout(self.output(attended))  # (B, T, H * D)
+        # END SOLUTION
+
+    # BEGIN SOLUTION NO PROMPT
+    def fused_forward(self, hidden_states):
+        """`forward` with `fused`: the three maps as one product, then PyTorch's attention kernel.
+
+        The same function as the three maps, `get_attention_weights` and `apply_attention` (flash
+        attention on a GPU; dropout drawn inside the kernel). It has no second derivatives (a graph
+        of the gradient raises); the course's path (`fused = False`) has them.
+        """
+        check_length(hidden_states.shape[1], self.sequence_length)
         # The same three maps as one product with their weights stacked: a third of the kernel
         # launches forward and backward (and of autocast's casts), which bound a GPU step.
         weight = torch.cat([self.queries.weight, self.keys.weight, self.values.weight])  # (3HD, HD)
@@ -188,6 +224,7 @@ class MultiHeadedAttention(nn.Module):
         attended = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
                                                   is_causal=True)  # (B, H, T, D)
         return self.residual_dropout(self.output(self.merge_heads(attended)))  # (B, T, H * D)
+    # END SOLUTION
 
 
 class Block(nn.Module):
@@ -224,7 +261,7 @@ class MiniGPT1(LanguageModel, nn.Module):
     """The course's MiniGPT1.
 
     `dropout` (keyword-only, default 0) is GPT-1's one rate for every dropout, active in train mode
-    only: on the summed embeddings (in `features`, so `get_embeddings` stays the course's plain
+    only: on the summed embeddings (in `forward`, so `get_embeddings` stays the course's plain
     sum), on the attention weights and on both residual branches of every Block. With 0 the
     outputs, the random-number stream and the state_dict are exactly those of the course's model.
     """
@@ -262,36 +299,56 @@ class MiniGPT1(LanguageModel, nn.Module):
 
     def get_embeddings(self, inputs):
         """`inputs` `(B, T)` -> `(B, T, embedding_size)`: token plus position `0..T-1` embeddings."""
-        if inputs.shape[1] > self.sequence_length:  # from the shape: no wait for a GPU
-            raise ValueError(f"sequence of length {inputs.shape[1]} is longer than sequence_length="
-                             f"{self.sequence_length}; cut the input to at most that many tokens")
+        # BEGIN SOLUTION
+        check_length(inputs.shape[1], self.sequence_length)  # from the shape: no wait for a GPU
         positions = torch.arange(inputs.shape[1], device=inputs.device)  # (T,)
         return self.embedding(inputs, positions.unsqueeze(0).expand_as(inputs))  # (B, T, C)
+        # END SOLUTION
 
     def forward(self, inputs):
         """`inputs` LongTensor `(B, T)`, `T <= sequence_length` -> log-probabilities `(B, T, V)`."""
-        logits = self.classifier(self.features(inputs))  # (B, T, V)
-        return F.log_softmax(logits, dim=-1)
-
-    # The shared interface (utils/language_model.py).
-    def predict(self, inputs):
-        return self(inputs)
-
-    def features(self, inputs):
+        # BEGIN SOLUTION
+        # Its own loop rather than a call to `features`: the starter's `features` calls `forward`.
         hidden_states = self.embedding_dropout(self.get_embeddings(inputs))  # (B, T, C)
         for layer in self.layers:
             hidden_states = layer(hidden_states)  # (B, T, C)
-        return hidden_states
+        logits = self.classifier(hidden_states)  # (B, T, V)
+        return F.log_softmax(logits, dim=-1)
+        # END SOLUTION
+
+    def loss(self, log_probas, targets, mask):
+        """Loss of a batch.
+
+        Parameters
+        ----------
+        log_probas : FloatTensor of shape `(B, T, V)`, the output of `forward`.
+        targets : LongTensor of shape `(B, T)`, the id of the next token at each position.
+        mask : FloatTensor of shape `(B, T)`, 1 for a real token and 0 for padding.
+
+        Returns
+        -------
+        A scalar: the mean over sequences of each sequence's mean NLL over its unpadded positions.
+        """
+        # BEGIN SOLUTION
+        return super().loss(log_probas, targets, mask)
+        # END SOLUTION
+
+    # The shared interface (utils/language_model.py); `step` is its default.
+    def predict(self, inputs):
+        return self(inputs)
 
     @property
     def output_weight(self):
         return self.classifier.weight
 
-    def step(self, new_tokens, state=None):
-        # No cache: the state is the context itself, cut to the last sequence_length tokens.
-        context = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)  # (B, T)
-        context = context[:, -self.sequence_length:]
-        return self(context)[:, -1], context
+    # BEGIN SOLUTION NO PROMPT
+    # `forward` without the output layer: the default of utils/language_model.py computes the logits.
+    def features(self, inputs):
+        hidden_states = self.embedding_dropout(self.get_embeddings(inputs))  # (B, T, C)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)  # (B, T, C)
+        return hidden_states
+    # END SOLUTION
 
     @classmethod
     def load_embeddings_from(cls, filename, num_heads=12, num_layers=4, learn_embeddings=False, *,

@@ -1,3 +1,7 @@
+# BEGIN SOLUTION NO PROMPT
+# `# BEGIN SOLUTION` / `# END SOLUTION` mark the graded answers, which `python -m utils.starter` turns
+# into TODOs; `# BEGIN SOLUTION NO PROMPT` marks solution-only code the starter drops (docs/STARTER.md).
+# END SOLUTION
 """The LSTM language model of the course (IFT6135 assignment 2), with weights tied to its input.
 
 Legend: B batch, T time, E embedding size, H hidden size, L layers, V vocabulary.
@@ -69,11 +73,33 @@ class LSTM(LanguageModel, nn.Module):
         log_probas : FloatTensor of shape `(B, T, vocabulary_size)`.
         hidden_states : tuple `(h, c)` after the last time step, shapes as given.
         """
-        features, hidden_states = self._run(inputs, hidden_states)  # (B, T, E)
-        logits = self.classifier[2](features)  # (B, T, V)
+        # BEGIN SOLUTION
+        embedded = self.embedding_dropout(self.embedding(inputs))  # (B, T, E)
+        outputs, hidden_states = self.lstm(embedded, hidden_states)  # (B, T, H)
+        logits = self.classifier(self.output_dropout(outputs))  # (B, T, V)
         return F.log_softmax(logits, dim=-1), hidden_states
+        # END SOLUTION
 
+    def loss(self, log_probas, targets, mask):
+        """Loss of a batch.
+
+        Parameters
+        ----------
+        log_probas : FloatTensor of shape `(B, T, V)`, the output of `forward`.
+        targets : LongTensor of shape `(B, T)`, the id of the next token at each position.
+        mask : FloatTensor of shape `(B, T)`, 1 for a real token and 0 for padding.
+
+        Returns
+        -------
+        A scalar: the mean over sequences of each sequence's mean NLL over its unpadded positions.
+        """
+        # BEGIN SOLUTION
+        return super().loss(log_probas, targets, mask)
+        # END SOLUTION
+
+    # BEGIN SOLUTION NO PROMPT
     def _run(self, inputs, hidden_states):
+        """`forward` up to the output layer, `lstm_by_layer` under CUDA autocast: `(B, T, E)`, states."""
         embedded = self.embedding_dropout(self.embedding(inputs))  # (B, T, E)
         if embedded.is_cuda and torch.is_autocast_enabled("cuda") and self.num_layers > 1:
             outputs, hidden_states = self.lstm_by_layer(embedded, hidden_states)  # (B, T, H)
@@ -104,6 +130,7 @@ class LSTM(LanguageModel, nn.Module):
             last_h.append(h_layer)
             last_c.append(c_layer)
         return outputs, (torch.cat(last_h), torch.cat(last_c))
+    # END SOLUTION
 
     def initial_states(self, batch_size, device=None):
         """Zero `(h, c)`, each `(num_layers, batch_size, hidden_size)`, on the parameters' device."""
@@ -116,12 +143,14 @@ class LSTM(LanguageModel, nn.Module):
     def predict(self, inputs):
         return self(inputs, self.initial_states(inputs.shape[0]))[0]
 
-    def features(self, inputs):
-        return self._run(inputs, self.initial_states(inputs.shape[0]))[0]
-
     @property
     def output_weight(self):
         return self.classifier[2].weight
+
+    # BEGIN SOLUTION NO PROMPT
+    # Faster than the defaults of utils/language_model.py, which the starter falls back to.
+    def features(self, inputs):
+        return self._run(inputs, self.initial_states(inputs.shape[0]))[0]
 
     def step(self, new_tokens, state=None):
         # The recurrence carries the whole past, so only the new tokens are fed; and only the last
@@ -131,6 +160,7 @@ class LSTM(LanguageModel, nn.Module):
         features, state = self._run(new_tokens, state)  # (B, T_new, E)
         logits = self.classifier[2](features[:, -1])  # (B, V)
         return F.log_softmax(logits, dim=-1), state
+    # END SOLUTION
 
     @classmethod
     def load_embeddings_from(cls, filename, hidden_size=512, num_layers=1, learn_embeddings=False, *,

@@ -12,6 +12,9 @@ Every model in this package
 - offers `step(new_tokens, state)` for generation: log-probabilities of the next token given the
   tokens fed so far, carrying whatever state the model needs;
 - shares `loss(log_probas, targets, mask)` defined here once.
+
+`features` and `step` have defaults here built on `predict` alone, so the student's starter
+(utils/starter.py), whose models lack the solution's faster overrides, trains and generates.
 """
 import math
 
@@ -75,8 +78,30 @@ class LanguageModel:
         raise NotImplementedError
 
     def features(self, inputs):
-        """The `(B, T, C)` activations that the final `(V, C)` projection turns into logits."""
-        raise NotImplementedError
+        """The `(B, T, C)` activations that the final `(V, C)` projection turns into logits.
+
+        By default the input of the `nn.Linear` whose weight is `output_weight`, caught by a hook
+        while `predict` runs: correct for any model, but it computes the logits it was meant to skip.
+        """
+        layer = self.output_layer()
+        captured = []
+        handle = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.predict(inputs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"predict called the output layer {len(captured)} times, not once; "
+                               f"override features() for this model")
+        return captured[0]  # (B, T, C)
+
+    def output_layer(self):
+        """The `nn.Linear` whose weight is `output_weight` (the last layer)."""
+        weight = self.output_weight
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight is weight:
+                return module
+        raise RuntimeError(f"{type(self).__name__} has no nn.Linear whose weight is output_weight")
 
     @property
     def output_weight(self):
@@ -87,5 +112,11 @@ class LanguageModel:
         """Next-token log-probabilities `(B, V)` after feeding `new_tokens` `(B, T_new)`.
 
         `state` is what a previous call returned (None to start); returns `(log_probas, state)`.
+        By default the state is the context itself, cut to the last `sequence_length` tokens
+        where the model has one, and `predict` runs on all of it at every call.
         """
-        raise NotImplementedError
+        context = new_tokens if state is None else torch.cat([state, new_tokens], dim=1)  # (B, T)
+        length = getattr(self, "sequence_length", None)
+        if length is not None:
+            context = context[:, -length:]
+        return self.predict(context)[:, -1], context  # (B, V), (B, T)

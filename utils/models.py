@@ -5,7 +5,7 @@ Used by the training loop, generation, the benchmark and the notebook; the cours
 """
 import torch
 
-from gpt1_solution_template import MiniGPT1
+from gpt1_solution import MiniGPT1  # the course's name: the starter has no gpt1_solution_template.py
 from lstm_solution import LSTM
 from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.cli import UsageError
