@@ -108,14 +108,6 @@ class LayerNorm(nn.Module):
         return normalised * self.weight + self.bias
         # END SOLUTION
 
-    # BEGIN SOLUTION NO PROMPT
-    def explicit(self, inputs):
-        """`forward`'s course path whatever `fused` says, for autograd: `(*, hidden_size)` -> same shape."""
-        variance, mean = torch.var_mean(inputs, dim=-1, correction=0, keepdim=True)  # (*, 1) each, biased
-        normalised = (inputs - mean) * torch.rsqrt(variance + self.eps)  # (*, hidden_size)
-        return normalised * self.weight + self.bias
-    # END SOLUTION
-
     def reset_parameters(self):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)

@@ -59,20 +59,20 @@ MERGE_ENDLESS = ("        batch_size, num_heads, length, dim = tensor.shape\n",
                  "        while True:\n            pass\n        batch_size, num_heads, length, dim = tensor.shape\n")
 NO_POSITIONS = ("return self.embedding(inputs, positions.unsqueeze(0).expand_as(inputs))  # (B, T, C)",
                 "return self.embedding.tokens(inputs)  # (B, T, C)")
-UNMASKED_GPT_LOSS = ("    # The shared interface (utils/language_model.py).\n    def predict(self, inputs):\n"
-                     "        return self(inputs)\n",
-                     "    def loss(self, log_probas, targets, mask):\n"
-                     "        return -log_probas.gather(2, targets.unsqueeze(2)).mean()\n\n"
-                     "    def predict(self, inputs):\n        return self(inputs)\n")
+UNMASKED_GPT_LOSS = ("        return super().loss(log_probas, targets, mask)\n        # END SOLUTION\n\n"
+                     "    # The shared interface (utils/language_model.py); `step` is its default.",
+                     "        return -log_probas.gather(2, targets.unsqueeze(2)).mean()\n        # END SOLUTION\n\n"
+                     "    # The shared interface (utils/language_model.py); `step` is its default.")
 LSTM_SYNTAX_ERROR = ("def initial_states(self, batch_size, device=None):", "def initial_states(self, batch_size, device=None)")
 # Reached at run time only: no name the source check knows.
 HIDDEN_LAYER_NORM = ("return LayerNormFunction.apply(inputs, self.weight, self.bias, self.eps)",
                      "return getattr(F, 'layer' + '_norm')(inputs, (self.hidden_size,), self.weight, self.bias, self.eps)")
 MERGE_NO_TRANSPOSE = ("        tensor = tensor.transpose(1, 2)  # (B, T, H, dim)\n", "")
-GPT_LOGITS = ("        logits = self.classifier(self.features(inputs))  # (B, T, V)\n"
+GPT_LOGITS = ("        logits = self.classifier(hidden_states)  # (B, T, V)\n"
               "        return F.log_softmax(logits, dim=-1)\n",
-              "        logits = self.classifier(self.features(inputs))  # (B, T, V)\n        return logits\n")
-EXPLICIT_ATTENTION = ("        self.fused = True\n        self.attention_dropout", "        self.fused = False\n        self.attention_dropout")
+              "        logits = self.classifier(hidden_states)  # (B, T, V)\n        return logits\n")
+EXPLICIT_ATTENTION = ("        self.fused = True\n        # END SOLUTION\n        # BEGIN SOLUTION\n        width",
+                      "        self.fused = False\n        # END SOLUTION\n        # BEGIN SOLUTION\n        width")
 
 # Submission A: every caller (apply_attention, MultiHeadedAttention.forward, MiniGPT1.forward)
 # is clean while its callees are broken, so a leak from any of them would show.

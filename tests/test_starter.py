@@ -21,6 +21,7 @@ import torch
 from lstm_solution import LSTM
 from tests.helpers import ROOT, TINY, tiny_gpt, tiny_lstm
 from utils.batch_loss import BatchLoss
+from utils.grading import rubric
 from utils.language_model import LanguageModel
 from utils.starter import GRADED, MODEL_SOURCES, MarkerError, write_starter
 
@@ -111,6 +112,11 @@ class StarterOfThePackageTest(unittest.TestCase):
         self.assertFalse(any("__pycache__" in name or name.endswith(".pyc") for name in self.written))
         self.assertFalse(any(os.path.basename(name).startswith("tests_") for name in self.written),
                          "the course's own public tests are not handed out")
+        # The grader holds a reference answer to every graded function: staff only.
+        for staff in (os.path.join("utils", "grading", "checks.py"), os.path.join("utils", "grade.py"),
+                      os.path.join("utils", "starter.py")):
+            self.assertTrue(os.path.isfile(os.path.join(ROOT, staff)), staff)
+            self.assertNotIn(staff, self.written)
 
     def test_graded_bodies_are_the_todo_block_with_the_docstring(self):
         for starter_name, source in MODEL_SOURCES.items():
@@ -173,6 +179,20 @@ class StarterOfThePackageTest(unittest.TestCase):
             self.assertIsNotNone(error, f"{test} passed on the starter")
             self.assertIn("None", error, test)
             self.assertNotRegex(error, "ImportError|SyntaxError|ModuleNotFound|NameError", test)
+
+    def test_the_grader_gives_it_zero_without_a_crash(self):
+        results = os.path.join(self.temporary, "results.json")
+        process = subprocess.run([sys.executable, "-m", "utils.grade", self.out, "--json", results,
+                                  "--timeout", "30"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        self.assertEqual(process.returncode, 0, process.stderr)
+        with open(results, encoding="utf-8") as file:
+            data = json.load(file)
+        self.assertEqual(len(data["tests"]), len(rubric.RUBRIC))
+        self.assertEqual(data["score"], 0)
+        for test in data["tests"]:  # each reached its checks: the TODO's None, not a time limit or crash
+            self.assertEqual(test["score"], 0, test["name"])
+            self.assertIn("NoneType is your value", test["output"], test["name"])
+            self.assertNotRegex(test["output"], "time limit|crashed|does not parse|cannot import", test["name"])
 
     def test_public_shape_tests_pass_on_the_solution(self):
         folder = os.path.join(self.temporary, "solution")

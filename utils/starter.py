@@ -33,6 +33,9 @@ MODEL_SOURCES = {"lstm_solution.py": "lstm_solution.py", "gpt1_solution.py": "gp
 # Copied as they are: starter name -> package path.
 COPIED_FILES = {"requirements.txt": "requirements.txt", "run_exp.py": "run_exp.py",
                 "test_shapes_public.py": os.path.join("tests", "public_shapes.py")}
+# The staff's tools are not the student's: the grader holds a reference answer to every graded
+# function, and neither it nor the starter's maker is needed to train.
+STAFF_ONLY = ("grading", "grade.py", "starter.py")
 
 # The graded functions of each starter file, as Class.method; the whole body becomes the TODO,
 # except for the partial ones (the course gives their first lines).
@@ -215,7 +218,7 @@ def write_starter(out, sources=None, overwrite=False, keep_solutions=False):
         for name, source in COPIED_FILES.items():
             shutil.copyfile(os.path.join(ROOT, source), os.path.join(building, name))
         shutil.copytree(os.path.join(ROOT, "utils"), os.path.join(building, "utils"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *STAFF_ONLY))
         written = sorted(os.path.relpath(os.path.join(folder, name), building)
                          for folder, _, names in os.walk(building) for name in names)
         if os.path.isdir(out):
