@@ -95,6 +95,18 @@ MUTANTS_B = {
     "MiniGPT1.forward": ("gpt1", GPT_LOGITS),
 }
 
+# Submission C: the remaining graded functions, each broken alone on the explicit path.
+LSTM_UNMASKED_LOSS = ("        return super().loss(log_probas, targets, mask)",
+                      "        return -log_probas.gather(2, targets.unsqueeze(2)).mean()")
+WEIGHTS_TRANSPOSED = ("return self.merge_heads(weights @ values)", "return self.merge_heads(weights.transpose(-2, -1) @ values)")
+NO_OUTPUT_MAP = ("return self.residual_dropout(self.output(attended))  # (B, T, H * D)\n        # END SOLUTION",
+                 "return self.residual_dropout(attended)  # (B, T, H * D)\n        # END SOLUTION")
+MUTANTS_C = {
+    "LSTM.loss": ("lstm", LSTM_UNMASKED_LOSS),
+    "MultiHeadedAttention.apply_attention": ("gpt1", WEIGHTS_TRANSPOSED),
+    "MultiHeadedAttention.forward": ("gpt1", NO_OUTPUT_MAP),
+}
+
 
 def mutant_submission(folder, mutants, extra_gpt1=()):
     patches = {"lstm": [], "gpt1": list(extra_gpt1)}
@@ -186,6 +198,19 @@ class GradeTest(unittest.TestCase):
         self.assertIn("passed  shape", tests["MiniGPT1.forward"]["output"])
         self.assertIn("FAILED  log-probabilities", tests["MiniGPT1.forward"]["output"])
 
+    def test_mutants_c_each_lose_on_their_own_function(self):
+        submission = mutant_submission(os.path.join(self.folder, "c"), MUTANTS_C, extra_gpt1=[EXPLICIT_ATTENTION])
+        json_path = os.path.join(self.folder, "c.json")
+        completed = grade(submission, json_path, "--timeout", "20")
+        self.assertEqual(completed.returncode, 0, completed.stderr)
+        data, tests = scores(json_path)
+        self.check_results_json(data)
+        self.assert_lost_exactly(tests, set(MUTANTS_C))
+        self.assertIn("FAILED  ragged mask", tests["LSTM.loss"]["output"])
+        self.assertIn("FAILED  values", tests["MultiHeadedAttention.apply_attention"]["output"])
+        self.assertIn("passed  causal", tests["MultiHeadedAttention.forward"]["output"])
+        self.assertIn("FAILED  values", tests["MultiHeadedAttention.forward"]["output"])
+
     def test_unusable_submission_is_one_line_and_exit_2(self):
         empty = os.path.join(self.folder, "empty")
         os.makedirs(empty, exist_ok=True)
@@ -197,7 +222,11 @@ class GradeTest(unittest.TestCase):
             self.assertEqual(completed.returncode, 2, completed.stderr)
             self.assertEqual(len(completed.stderr.strip().splitlines()), 1, completed.stderr)
             self.assertIn(words, completed.stderr)
-            self.assertFalse(os.path.exists(os.path.join(self.folder, "unusable.json")))
+            # Gradescope shows a 0 with the reason rather than "the autograder failed".
+            data, tests = scores(os.path.join(self.folder, "unusable.json"))
+            self.assertEqual((data["score"], tests), (0, {}))
+            self.assertIn(words, data["output"])
+            os.remove(os.path.join(self.folder, "unusable.json"))
 
     def test_autograder_zip_grades_a_gradescope_root(self):
         zip_path = os.path.join(self.folder, "autograder.zip")
@@ -274,6 +303,27 @@ class MiniGPT1(nn.Module):
         self.assertIn("F.layer_norm", " ".join(uses["MultiHeadedAttention.split_heads"]))  # through helper
         self.assertIn("nn.LayerNorm", " ".join(uses["MiniGPT1.forward"]))
         self.assertEqual(set(uses), {"LayerNorm.forward", "MiniGPT1.forward", *attention})
+
+    def test_own_attributes_and_type_checks_are_not_uses(self):
+        source = """
+import torch.nn as nn
+class LayerNorm(nn.Module):
+    def layer_norm(self, x):
+        return x
+    def forward(self, x):
+        return self.layer_norm(x)
+class MiniGPT1(nn.Module):
+    def init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) or issubclass(type(module), nn.MultiheadAttention):
+            module.reset_parameters()
+    def forward(self, x):
+        return nn.LayerNorm(8)(x)
+"""
+        uses = forbidden.static_uses(source, [function.name for function in rubric.RUBRIC])
+        self.assertEqual(set(uses), {"MiniGPT1.get_embeddings", "MiniGPT1.forward", "MiniGPT1.loss"} & set(uses))
+        self.assertEqual(uses["MiniGPT1.forward"], ["uses nn.LayerNorm (line 13)"])
+        self.assertNotIn("LayerNorm.forward", uses)
+        self.assertNotIn("MiniGPT1.get_embeddings", uses)
 
     def test_package_files_are_clean(self):
         graded = [function.name for function in rubric.RUBRIC]

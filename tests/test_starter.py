@@ -23,7 +23,8 @@ from tests.helpers import ROOT, TINY, tiny_gpt, tiny_lstm
 from utils.batch_loss import BatchLoss
 from utils.grading import rubric
 from utils.language_model import LanguageModel
-from utils.starter import GRADED, MODEL_SOURCES, MarkerError, write_starter
+from utils.cli import UsageError
+from utils.starter import GRADED, MODEL_SOURCES, MarkerError, check_out_folder, write_starter
 
 TODO_LINES = ["# ==========================", "# TODO: Write your code here", "# =========================="]
 TRIVIAL = {"", "pass", "return", "else:", "try:", "finally:", '"""', "@staticmethod", "@property"}
@@ -326,10 +327,15 @@ class BadInputTest(unittest.TestCase):
     def test_a_file_and_the_package_are_refused(self):
         path = os.path.join(self.temporary, "file")
         open(path, "w").close()
-        for out in (path, ROOT):
+        inside = os.path.join(ROOT, "tests", "starter-out-never-made")
+        for out in (path, ROOT, inside):
             refused = self.command(out, "--overwrite")
             self.assertEqual(refused.returncode, 2, out)
             self.assertEqual(len(refused.stderr.strip().splitlines()), 1, refused.stderr)
+        self.assertFalse(os.path.exists(inside))
+        for folder in ("docs", "utils", ".git"):  # --overwrite would replace a folder of the package
+            with self.assertRaisesRegex(UsageError, "outside"):
+                check_out_folder(os.path.join(ROOT, folder), overwrite=True)
 
     def broken(self, edit):
         """The LSTM's source with `edit(lines)` applied; the MarkerError's message and the lines."""

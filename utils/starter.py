@@ -195,8 +195,8 @@ def check_out_folder(out, overwrite):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{out} is a file, not a folder: choose another OUT")
     real_out, real_root = os.path.realpath(out), os.path.realpath(ROOT)
-    if os.path.commonpath([real_out, real_root]) == real_out:
-        raise UsageError(f"{out} holds the package itself: choose a folder outside {ROOT}")
+    if os.path.commonpath([real_out, real_root]) in (real_out, real_root):
+        raise UsageError(f"{out} is the package or in it: choose a folder outside {ROOT}")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise UsageError(f"{out} is not empty: choose a new or empty folder, or pass --overwrite to replace it")
 

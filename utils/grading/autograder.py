@@ -22,6 +22,8 @@ cd "$(dirname "$0")"
 if ! command -v pip3 >/dev/null; then
     apt-get update && apt-get install -y python3 python3-pip
 fi
+# Ubuntu 24.04's Python refuses system-wide installs (PEP 668); the image is this grader's alone.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 # The CPU build first: the range in requirements.txt then keeps it (no CUDA wheels to download).
 pip3 install torch --index-url https://download.pytorch.org/whl/cpu
 pip3 install -r requirements.txt
@@ -34,7 +36,8 @@ set -uo pipefail
 ROOT="${AUTOGRADER_ROOT:-${1:-/autograder}}"
 mkdir -p "$ROOT/results"
 cd "$ROOT/source"
-python3 -m utils.grade "$ROOT/submission" --json "$ROOT/results/results.json"
+# results/ is Gradescope's own output folder: a run again replaces the last results.
+python3 -m utils.grade "$ROOT/submission" --json "$ROOT/results/results.json" --overwrite
 """
 
 

@@ -317,7 +317,7 @@ def grade_layer_norm(student, reference, checks):
     width = 8
     torch.manual_seed(0)
     module = student.LayerNorm(width)
-    eps = getattr(module, "eps", 1e-5)
+    eps = 1e-5  # the course's default, which LayerNorm(width) is built with: not read from the module
     g = generator(2)
     inputs = 3 * torch.randn(3, 5, width, generator=g) + 1.5
     weight, bias = torch.randn(width, generator=g), torch.randn(width, generator=g)

@@ -64,12 +64,15 @@ def grade(submission, timeout=60.0, json_path=None, progress=sys.stderr):
 
 def table(results):
     """The printed table: function, points, max, reason; then the total."""
-    width = max(len(result.function.name) for result in results)
+    width = max(len(function.name) for function in rubric.RUBRIC)
     lines = [f"{'function':<{width}}  {'points':>6}  {'max':>4}  reason"]
-    for result in results:
-        reason = result.summary()
+    graded = {result.function.name: result for result in results}
+    total = 0
+    for function in rubric.RUBRIC:  # every row, even one whose grading itself failed
+        result = graded.get(function.name)
+        score, reason = (result.score, result.summary()) if result else (0, "not graded: an error in the grader")
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        lines.append(f"{result.function.name:<{width}}  {result.score:>6g}  {result.function.points:>4g}  {reason}")
-    total = sum(result.score for result in results)
-    lines.append(f"{'total':<{width}}  {total:>6g}  {sum(r.function.points for r in results):>4g}")
+        lines.append(f"{function.name:<{width}}  {score:>6g}  {function.points:>4g}  {reason}")
+        total += score
+    lines.append(f"{'total':<{width}}  {total:>6g}  {rubric.TOTAL_POINTS:>4g}")
     return "\n".join(lines)
