@@ -22,7 +22,6 @@ from utils.models import build_model
 from utils.config import resolve_config
 from utils.batch_loss import BatchLoss
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 REAL_MATMUL_RATE = benchmark.matmul_rate
 TINY_SIZES = {"embedding_size": 32, "num_heads": 4, "sequence_length": 16, "hidden_size": 24}
 
