@@ -10,6 +10,8 @@
 - The loopback Hub: `FixtureServer`, `HubClientMixin`, `hub_client`, `FAST`, `REVISION`, `UNREACHABLE`.
 - The report's tables: `markdown_rows`, `assert_shown`, `check_results_csv`, `latex_cells`.
 - `slow`, the mark `python -m unittest tests.fast` leaves out (tests/fast.py).
+
+Importing it sets PyTorch to one thread in this process (see below).
 """
 import collections
 import contextlib
@@ -45,6 +47,12 @@ from utils.data_folder import SPLITS, split_file, split_path
 from utils.report.tables import REFERENCE_FIELDS, RESULT_FIELDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tests' models and batches are tiny: extra threads only add overhead, and on a busy machine
+# OpenMP threads fighting other processes for the cores made steps 10 to 80 times slower. Every
+# test module imports this one, so the whole test process computes on one thread, as the child
+# runs do (`subprocess_env`).
+torch.set_num_threads(1)
 
 
 def slow(test):

@@ -21,7 +21,6 @@ from utils.config import resolve_config
 from utils.batch_loss import BatchLoss, fused_token_nll, set_fused_kernels
 from utils.language_model import token_nll
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 RELATIVE = 1e-5
 
 

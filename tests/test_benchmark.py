@@ -22,7 +22,6 @@ from utils.models import build_model
 from utils.config import resolve_config
 from utils.batch_loss import BatchLoss
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 REAL_MATMUL_RATE = benchmark.matmul_rate
 TINY_SIZES = {"embedding_size": 32, "num_heads": 4, "sequence_length": 16, "hidden_size": 24}
 
@@ -30,10 +29,14 @@ TINY_SIZES = {"embedding_size": 32, "num_heads": 4, "sequence_length": 16, "hidd
 def run_main(*argv):
     """`benchmark.main(argv)` in this process: `(exit code, stdout, stderr)`.
 
-    The device's matmul rate is measured on 256^3 products: the full size takes seconds here.
+    The device's matmul rate is measured on 256^3 products, and the benchmark's presets are built
+    at TINY_SIZES (the vocabulary stays GPT-1's, the embeddings frozen as in the presets): the full
+    sizes take seconds here, and no test reads a figure that depends on them.
     """
     small_rate = functools.partial(REAL_MATMUL_RATE, size=256, repeats=2)
-    with mock.patch.object(benchmark, "matmul_rate", small_rate):
+    small_presets = functools.partial(resolve_config, **TINY_SIZES)  # the call's sizes win
+    with mock.patch.object(benchmark, "matmul_rate", small_rate), \
+            mock.patch.object(benchmark, "resolve_config", small_presets):
         return run_cli(benchmark.main, argv)
 
 

@@ -22,7 +22,6 @@ from utils.config import resolve_config
 from utils.batch_loss import set_fused_kernels
 from utils.models import build_model
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 RATE = 0.3
 TOLERANCE = 0.02  # about 10 standard deviations of the fraction over 50,000 units
 

@@ -99,18 +99,7 @@ def tiny_fixtures():
     return _FIXTURES
 
 
-_THREADS = []
-
-
-def setUpModule():
-    # The models are tiny: extra threads only add overhead, and on a busy machine OpenMP threads
-    # fighting other processes for the cores made the fixtures 80 times slower.
-    _THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
 def tearDownModule():
-    torch.set_num_threads(_THREADS.pop())
     if _FIXTURES:
         shutil.rmtree(_FIXTURES["folder"], ignore_errors=True)
 

@@ -11,7 +11,6 @@ from gpt1_solution_template import Block, LayerNorm, LayerNormFunction, MiniGPT1
 from lstm_solution import LSTM
 from tests.helpers import TINY, tiny_gpt, tiny_lstm
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 class CourseShapeTest(unittest.TestCase):

@@ -11,6 +11,7 @@ import ast
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import nbformat
 
@@ -142,8 +143,11 @@ class SmokeRunTest(unittest.TestCase):
                                     iopub_timeout=IOPUB_TIMEOUT_S, raise_on_iopub_timeout=True,
                                     startup_timeout=STARTUP_TIMEOUT_S,
                                     resources={"metadata": {"path": ROOT}})
+            # The kernel and the commands it starts on one thread each, as the tests' other child
+            # processes (tests/helpers.py): tiny models, and threads fighting for a busy machine's cores.
             try:
-                client.execute()
+                with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):
+                    client.execute()
             except CellExecutionError as error:
                 self.fail(f"a cell of main.ipynb failed:\n{error}")
             outputs = [output for _, cell in code_cells(notebook) for output in cell.outputs]

@@ -314,7 +314,9 @@ class KillResumeTest(TinyRunCase):
         process.wait(timeout=60)
         killed_at = len(read_log(log_path)["epochs"])
         self.assertLess(killed_at, 4, "the run finished before it could be killed")
-        subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+        # Resumed in this process (one thread, as the children): no second child to start.
+        code, _, err = run_main(*args, "--resume")
+        self.assertEqual(code, 0, err)
         _, err = alone_run.communicate(timeout=300)
         self.assertEqual(alone_run.returncode, 0, err)
 

@@ -283,9 +283,9 @@ class SignalsTest(SafetyCase):
         self.assertEqual(log["status"], "stopped")
         self.assertIn("--resume", log["message"])
         self.assertEqual([name for name in os.listdir(os.path.join(self.logs, exp_id)) if ".tmp-" in name], [])
-        result = subprocess.run(self.command(exp_id, "lstm", "--epochs", epochs, "--resume"), env=subprocess_env(),
-                                capture_output=True, text=True, timeout=300)
-        self.assertEqual(result.returncode, 0, result.stderr)
+        # Resumed in this process (one thread, as the children): no second child to start.
+        code, _, resume_err = run_main(*self.args(exp_id, "lstm", "--epochs", epochs, "--resume"))
+        self.assertEqual(code, 0, resume_err)
         _, alone_err = alone_run.communicate(timeout=300)
         self.assertEqual(alone_run.returncode, 0, alone_err)
         resumed, reference = self.log(exp_id), read_log(os.path.join(self.logs + "-alone", exp_id, "log.json"))

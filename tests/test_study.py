@@ -95,9 +95,9 @@ class ParallelTest(StudyCase):
         for exp_id in ("i1", "i2"):
             self.assertEqual(self.log(exp_id)["status"], "stopped")
         self.assertRegex(out, r"\ni3 +not started")
-        result = subprocess.run(command + ["--resume"], env=subprocess_env(), capture_output=True, text=True,
-                                timeout=600)
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        # Resumed from this process (its workers are children still): no parent process to start.
+        code, out, err = run_main(*self.args("i1,i2,i3", "lstm", "--epochs", 3, "--jobs", 2, "--resume"))
+        self.assertEqual(code, 0, out + err)
         for exp_id in ("i1", "i2", "i3"):
             log = self.log(exp_id)
             self.assertEqual((log["status"], len(log["epochs"])), ("finished", 3))
