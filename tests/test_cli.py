@@ -132,7 +132,8 @@ class ToolsHelpTest(unittest.TestCase):
 
     def test_help_of_every_tool(self):
         commands = [["run_exp.py"], ["-m", "utils.benchmark"], ["-m", "utils.prepare_data"],
-                    ["-m", "utils.generate"], ["-m", "utils.report"], ["-m", "utils.bench_tokenizer"]]
+                    ["-m", "utils.generate"], ["-m", "utils.report"], ["-m", "utils.bench_tokenizer"],
+                    ["-m", "utils.grade"], ["-m", "utils.starter"], ["-m", "utils.gpu_study"]]
         done = subprocess.run([sys.executable, "-c", HELP_CHILD, json.dumps(commands)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -145,6 +146,7 @@ class ToolsHelpTest(unittest.TestCase):
                 self.assertNotIn("(default: False)", text)
                 for line in stdout.split("\n  -"):
                     self.assertLessEqual(" ".join(line.split()).count("default"), 1, line)
+
 
 if __name__ == "__main__":
     unittest.main()
