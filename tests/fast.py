@@ -1,8 +1,9 @@
 """The fast subset, for the edit-test loop: `python -m unittest tests.fast`.
 
 The whole suite less the tests marked `@slow` (tests/helpers.py): those that start child
-processes to train (signals, kill -9, `--jobs` workers, torchrun, two owners of a run folder),
-that execute the notebook, or that fetch through a child process. The CI, and anyone before a
+processes (to train: signals, kill -9, `--jobs` workers, torchrun, two owners of a run folder; to
+grade, to run the starter, to show every tool's --help; to fetch), that execute the notebook, that
+render the whole report, or that re-tokenize the real data. The CI, and anyone before a
 commit, runs everything: `python -m unittest`. `python -m tests.timing` finds what is slow.
 """
 import os

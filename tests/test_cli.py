@@ -12,6 +12,7 @@ from unittest import mock
 
 import torch
 
+from tests.helpers import slow
 from utils import cli
 from utils.language_model import perplexity, sequence_mean_loss, sequence_nll
 
@@ -127,6 +128,7 @@ print(json.dumps(results))
 """
 
 
+@slow
 class ToolsHelpTest(unittest.TestCase):
     """Every command line of the package shows each default once, and never "(default: None)"."""
 

@@ -11,7 +11,8 @@ import shutil
 import tempfile
 import unittest
 
-from tests.helpers import assert_shown, check_results_csv, latex_cells, markdown_rows, split_note
+from tests.helpers import (assert_shown, check_results_csv, latex_cells, markdown_rows, slow,
+                           split_note)
 from utils.config import EXPERIMENTS
 from utils.data_utils import write_log
 from utils.report import collect_runs, make_report
@@ -105,6 +106,7 @@ def by_exp(table):
     return {row["exp"]: row for row in table["rows"]}
 
 
+@slow
 class FindingsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

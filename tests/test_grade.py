@@ -10,9 +10,9 @@ import tempfile
 import unittest
 import zipfile
 
+from tests.helpers import ROOT, slow
 from utils.grading import forbidden, rubric
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = {function.name: function.points for function in rubric.RUBRIC}
 
 
@@ -117,6 +117,7 @@ def mutant_submission(folder, mutants, extra_gpt1=()):
                             gpt1=patched("gpt1_solution_template.py", *patches["gpt1"]))
 
 
+@slow
 class GradeTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

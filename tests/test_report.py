@@ -16,7 +16,7 @@ import tempfile
 import unittest
 
 from tests.helpers import (check_results_csv, csv_rows, latex_cells, markdown_rows, run_cli,
-                           shared_data_dir)
+                           shared_data_dir, slow)
 from utils.config import EXPERIMENTS, ExperimentConfig
 from utils.data_utils import write_log
 from utils.report import ReportError, main, make_report
@@ -90,6 +90,7 @@ def read_bytes(path):
         return file.read()
 
 
+@slow
 class ReportTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -223,6 +224,7 @@ class ReportTest(unittest.TestCase):
         self.assertEqual(by_id["3"]["device"], "x86_64")
 
 
+@slow
 class ReferenceTest(unittest.TestCase):
     def test_reference_columns_and_curves(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -306,6 +308,7 @@ def run_main(argv):
     return run_cli(main, argv)
 
 
+@slow
 class OddInputTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="report-odd-")

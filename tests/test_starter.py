@@ -19,7 +19,7 @@ import unittest
 import torch
 
 from lstm_solution import LSTM
-from tests.helpers import ROOT, TINY, tiny_gpt, tiny_lstm
+from tests.helpers import ROOT, TINY, slow, tiny_gpt, tiny_lstm
 from utils.batch_loss import BatchLoss
 from utils.grading import rubric
 from utils.language_model import LanguageModel
@@ -94,6 +94,7 @@ def check_every_graded_function_is_tested(case, outcomes):
         case.assertIn(f"test_shapes_public.{SHAPE_CLASSES[cls]}.test_{method}", outcomes)
 
 
+@slow
 class StarterOfThePackageTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -277,6 +278,7 @@ print(json.dumps(found))
 """
 
 
+@slow
 class FilledStarterTest(unittest.TestCase):
     """The starter with the solution's answers in its TODOs trains as the package does."""
 

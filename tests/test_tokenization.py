@@ -14,7 +14,7 @@ from unittest import mock
 
 import numpy as np
 
-from tests.helpers import run_cli, write_tiny_tokenizer
+from tests.helpers import run_cli, slow, write_tiny_tokenizer
 from utils import bench_tokenizer
 from utils.cli import shared_data_path
 from utils.data_folder import SPLITS, split_file
@@ -149,6 +149,7 @@ def has_shared_data():
 
 @unittest.skipUnless(has_shared_data(), "SHARED_DATA_DIR is not set or lacks wikitext2/ and gpt1-bpe/ "
                                         "(the course's official arrays); set it to ../shared/data")
+@slow
 class OfficialDataFidelityTest(unittest.TestCase):
     """Decode each official split to text and re-encode it: every line without <unk> must
     give the official ids exactly."""
