@@ -59,18 +59,8 @@ class LanguageModel:
     """Mixin giving both models the shared loss; subclasses define the abstract methods below."""
 
     def loss(self, log_probas, targets, mask):
-        """Loss of a batch.
-
-        Parameters
-        ----------
-        log_probas : FloatTensor of shape `(B, T, V)`, the output of `forward`.
-        targets : LongTensor of shape `(B, T)`, the id of the next token at each position.
-        mask : FloatTensor of shape `(B, T)`, 1 for a real token and 0 for padding.
-
-        Returns
-        -------
-        A scalar: the mean over sequences of each sequence's mean NLL over its unpadded positions.
-        """
+        """The course's loss of `(B, T, V)` log-probabilities, `(B, T)` targets and 0/1 mask: a
+        scalar (the models' own `loss` docstrings, which the starter keeps, spell it out)."""
         return sequence_mean_loss(token_nll(log_probas, targets), mask)
 
     def predict(self, inputs):

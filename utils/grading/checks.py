@@ -357,24 +357,25 @@ def grade_layer_norm(student, reference, checks):
     checks.run("gradient", gradient)
 
 
-def grade_split_heads(student, reference, checks):
-    module = substitute(attention_module(student), ATTENTION_METHODS, keep="split_heads")
-    inputs = torch.randn(2, 5, NUM_HEADS * HEAD_SIZE, generator=generator(4))  # (B, T, H * D)
-    expected = reference_split_heads(module, inputs)  # (B, H, T, D)
+def grade_head_reshape(student, checks, method, reference_function, input_shape):
+    """`split_heads` or `merge_heads` (`method`) alone: shape, then values against the reference."""
+    module = substitute(attention_module(student), ATTENTION_METHODS, keep=method)
+    inputs = torch.randn(*input_shape, generator=generator(4))
+    expected = reference_function(module, inputs)
     with torch.no_grad():
-        yours = once(lambda: module.split_heads(inputs))
+        yours = once(lambda: getattr(module, method)(inputs))
     checks.run("shape", lambda: check_shape(yours(), expected.shape))
     checks.run("values", lambda: compare(yours(), expected))
+
+
+def grade_split_heads(student, reference, checks):
+    grade_head_reshape(student, checks, "split_heads", reference_split_heads,
+                       (2, 5, NUM_HEADS * HEAD_SIZE))  # (B, T, H * D) -> (B, H, T, D)
 
 
 def grade_merge_heads(student, reference, checks):
-    module = substitute(attention_module(student), ATTENTION_METHODS, keep="merge_heads")
-    inputs = torch.randn(2, NUM_HEADS, 5, HEAD_SIZE, generator=generator(4))  # (B, H, T, D)
-    expected = reference_merge_heads(module, inputs)  # (B, T, H * D)
-    with torch.no_grad():
-        yours = once(lambda: module.merge_heads(inputs))
-    checks.run("shape", lambda: check_shape(yours(), expected.shape))
-    checks.run("values", lambda: compare(yours(), expected))
+    grade_head_reshape(student, checks, "merge_heads", reference_merge_heads,
+                       (2, NUM_HEADS, 5, HEAD_SIZE))  # (B, H, T, D) -> (B, T, H * D)
 
 
 def grade_attention_weights(student, reference, checks):
