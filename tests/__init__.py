@@ -1,4 +1,5 @@
-"""The package's tests; `TESTS_WORKERS=2 python -m unittest` runs them on two cores (tests/parallel.py)."""
+"""The package's tests; `python -m unittest` runs them in one worker process per core, up to 4, and
+`TESTS_WORKERS=1 python -m unittest` in this one (tests/parallel.py)."""
 import os
 
 

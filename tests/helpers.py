@@ -4,9 +4,10 @@
 - Data: the real-data locator (`shared_data_dir`, `real_wikitext2_dir`), tiny data folders
   (`write_tiny_data`, its streams, `write_long_epoch`, `write_split`, `write_documents`) and a tiny
   GPT-1-format tokenizer (`write_tiny_tokenizer`).
-- Command lines: a `main(argv)` in this process (`run_cli`, `run_main` for run_exp.py), run_exp.py
-  in a child process (`RUN_EXP`, `run_exp_command`, `subprocess_env`, `children_take_sigint`,
-  `wait_for`) and `TinyRunCase`, a tiny data folder and log folder per test.
+- Command lines: a `main(argv)` in this process (`run_cli`, `run_main` for run_exp.py), a child
+  process (`popen` and `run_command`: warm ones, tests/warm.py), run_exp.py in one (`RUN_EXP`,
+  `run_exp_command`, `subprocess_env`, `children_take_sigint`, `wait_for`), `--jobs` workers
+  started warm (`warm_workers`) and `TinyRunCase`, a tiny data folder and log folder per test.
 - The loopback Hub: `FixtureServer`, `HubClientMixin`, `hub_client`, `FAST`, `REVISION`, `UNREACHABLE`.
 - The report's tables: `markdown_rows`, `assert_shown`, `check_results_csv`, `latex_cells`.
 - `slow`, the mark `python -m unittest tests.fast` leaves out (tests/fast.py).
@@ -40,6 +41,7 @@ from huggingface_hub.utils import _cache_assets, _http
 from safetensors.numpy import save_file
 
 from gpt1_solution_template import MiniGPT1
+from tests import warm
 from lstm_solution import LSTM
 from utils import download as dl
 from utils.cli import shared_data_path
@@ -228,6 +230,26 @@ def run_main(*argv):
     import run_exp
 
     return run_cli(run_exp.main, argv)
+
+
+# A child `python ...` that finds torch imported already (tests/warm.py): `subprocess.Popen` and
+# `subprocess.run` with their arguments; TESTS_COLD=1 makes them fresh interpreters.
+popen, run_command = warm.start, warm.run
+
+
+@contextlib.contextmanager
+def warm_workers():
+    """Start the `--jobs` workers of a study run in this process as warm children. Their parent is
+    the warm server, so that is the parent they watch (utils.study.die_with_parent)."""
+    from utils import study
+
+    def start(args, env=None, **kwargs):
+        if not warm.cold() and env and env.get(study.PARENT_ENV) == str(os.getpid()):
+            env = dict(env, **{study.PARENT_ENV: str(warm.Server.pid())})
+        return warm.start(args, env=env, **kwargs)
+
+    with mock.patch.object(study.subprocess, "Popen", start):
+        yield
 
 
 def run_exp_command(*argv):

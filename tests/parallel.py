@@ -1,13 +1,12 @@
-"""The suite on several cores: `TESTS_WORKERS=2 python -m unittest` runs the test modules in two
-worker processes.
+"""The suite on several cores: `python -m unittest` runs the test modules in worker processes, one
+per core up to 4 (`TESTS_WORKERS=N` sets how many; 1 runs the suite in this process).
 
 Most of the suite's time is child processes that train, signal or grade, one core each, so on a
-2-core machine two workers take about a quarter off. `tests/__init__.py` hands discovery's suite to
+2-core machine two workers take about a third off. `tests/__init__.py` hands discovery's suite to
 `ParallelSuite`: each module goes whole to one worker (its class and module fixtures stay
 together), the slowest first, and every outcome is replayed into the runner's own result, so the
-output, the counts and the exit code are unittest's. Without `TESTS_WORKERS` (and for a module
-named on the command line) the suite runs in this process as plain unittest runs it: the
-timing-sensitive tests (signals, kill -9) are checked under the load CI gives them.
+output, the counts and the exit code are unittest's. A module, class or test named on the command
+line runs in this process, as plain unittest runs it.
 """
 import json
 import os
@@ -19,14 +18,17 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The modules that take longest (child processes): started first, so no worker idles at the end.
-SLOW_FIRST = ("test_study", "test_run_safety", "test_run_exp", "test_notebook", "test_report",
-              "test_grade", "test_starter", "test_faults")
+SLOW_FIRST = ("test_run_safety", "test_report", "test_notebook", "test_grade", "test_run_exp", "test_study",
+              "test_prepare_data", "test_warm", "test_starter", "test_download", "test_findings",
+              "test_benchmark", "test_faults", "test_tokenization", "test_cli")
 
 
 def worker_count():
-    """`TESTS_WORKERS` (default 1: the suite as plain unittest runs it)."""
-    value = os.environ.get("TESTS_WORKERS", "1")
-    return max(1, min(int(value), os.cpu_count() or 1)) if value.isdecimal() else 1
+    """`TESTS_WORKERS` (1: the suite in this process, as plain unittest runs it), at most one per
+    core; by default one per core, up to 4."""
+    cores = os.cpu_count() or 1
+    value = os.environ.get("TESTS_WORKERS", "")
+    return min(int(value), cores) if value.isdecimal() and int(value) else min(cores, 4)
 
 
 def flatten(suite):

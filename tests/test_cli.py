@@ -12,7 +12,7 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import slow
+from tests.helpers import run_command, slow
 from utils import cli
 from utils.language_model import perplexity, sequence_mean_loss, sequence_nll
 
@@ -136,7 +136,7 @@ class ToolsHelpTest(unittest.TestCase):
         commands = [["run_exp.py"], ["-m", "utils.benchmark"], ["-m", "utils.prepare_data"],
                     ["-m", "utils.generate"], ["-m", "utils.report"], ["-m", "utils.bench_tokenizer"],
                     ["-m", "utils.grade"], ["-m", "utils.starter"], ["-m", "utils.gpu_study"]]
-        done = subprocess.run([sys.executable, "-c", HELP_CHILD, json.dumps(commands)], cwd=ROOT,
+        done = run_command([sys.executable, "-c", HELP_CHILD, json.dumps(commands)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
         for command, (code, stdout, stderr) in zip(commands, json.loads(done.stdout), strict=True):

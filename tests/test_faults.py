@@ -12,7 +12,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.helpers import ROOT, TinyRunCase, run_main, slow
+from tests.helpers import ROOT, popen, TinyRunCase, run_main, slow
 from utils import batch_loss, training
 from utils.checkpoint import read_checkpoint, write_payload
 from utils.data_utils import read_log
@@ -184,7 +184,7 @@ class OrphanTest(unittest.TestCase):
                   f"env=dict(os.environ, {PARENT_ENV}=str(os.getpid())), stdout=sys.stdout); "
                   "print(p.pid, flush=True); p.wait()")
         with tempfile.TemporaryFile("w+") as output:
-            started = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=output,
+            started = popen([sys.executable, "-c", parent], cwd=ROOT, stdout=output,
                                        env=dict(os.environ, PYTHONPATH=ROOT))
             deadline = time.monotonic() + 60
             while "ready" not in read(output) and time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import tempfile
 import unittest
 import zipfile
 
-from tests.helpers import ROOT, slow
+from tests.helpers import ROOT, run_command, slow
 from utils.grading import forbidden, rubric
 
 ALL = {function.name: function.points for function in rubric.RUBRIC}
@@ -37,7 +37,7 @@ def write_submission(folder, lstm=None, gpt1=None, gpt1_name="gpt1_solution_temp
 
 
 def grade(submission, json_path, *flags):
-    return subprocess.run([sys.executable, "-m", "utils.grade", submission, "--json", json_path, *flags],
+    return run_command([sys.executable, "-m", "utils.grade", submission, "--json", json_path, *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -231,10 +231,10 @@ class GradeTest(unittest.TestCase):
 
     def test_autograder_zip_grades_a_gradescope_root(self):
         zip_path = os.path.join(self.folder, "autograder.zip")
-        build = subprocess.run([sys.executable, "-m", "utils.grade", "--autograder", zip_path],
+        build = run_command([sys.executable, "-m", "utils.grade", "--autograder", zip_path],
                                cwd=ROOT, capture_output=True, text=True, timeout=60)
         self.assertEqual(build.returncode, 0, build.stderr)
-        again = subprocess.run([sys.executable, "-m", "utils.grade", "--autograder", zip_path],
+        again = run_command([sys.executable, "-m", "utils.grade", "--autograder", zip_path],
                                cwd=ROOT, capture_output=True, text=True, timeout=60)
         self.assertEqual(again.returncode, 2)
         self.assertIn("--overwrite", again.stderr)

@@ -88,9 +88,12 @@ class ParallelSuiteTest(unittest.TestCase):
     def test_workers_come_from_the_environment(self):
         with mock.patch.dict(os.environ, {"TESTS_WORKERS": "1"}):
             self.assertEqual(worker_count(), 1)
-        with mock.patch.dict(os.environ, {"TESTS_WORKERS": "lots"}):
-            self.assertEqual(worker_count(), 1)
-        self.assertEqual(worker_count(), min(2, os.cpu_count() or 1))
+        cores = os.cpu_count() or 1
+        with mock.patch.dict(os.environ, {"TESTS_WORKERS": "1000"}):
+            self.assertEqual(worker_count(), cores)
+        for unset in ("", "lots", "0"):
+            with mock.patch.dict(os.environ, {"TESTS_WORKERS": unset}):
+                self.assertEqual(worker_count(), min(cores, 4))
 
 
 if __name__ == "__main__":

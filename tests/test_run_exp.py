@@ -11,7 +11,7 @@ import unittest
 import numpy as np
 import torch
 
-from tests.helpers import (RUN_DATA, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
+from tests.helpers import (RUN_DATA, popen, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
                            subprocess_env, wait_for, write_long_epoch)
 from utils import training
 from utils.models import load_checkpoint
@@ -304,10 +304,10 @@ class KillResumeTest(TinyRunCase):
         reference_logs = tempfile.mkdtemp()
         reference = [a if a != self.logs else reference_logs for a in command]
         # The run left alone goes on beside the killed one and its resumption.
-        alone_run = subprocess.Popen(reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        alone_run = popen(reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(alone_run.kill)
 
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log_path = os.path.join(self.logs, "k", "log.json")
         wait_for(lambda: len(read_log(log_path)["epochs"]) >= 1, timeout=240)
         process.send_signal(signal.SIGKILL)

@@ -22,7 +22,7 @@ from unittest import mock
 
 import numpy as np
 
-from tests.helpers import (RUN_EXP, TINY, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, tiny_lstm,
+from tests.helpers import (RUN_EXP, popen, run_command, TINY, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, tiny_lstm,
                            wait_for, write_long_epoch)
 from utils import checkpoint, experiment, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
@@ -95,7 +95,7 @@ class OneOwnerTest(SafetyCase):
     def test_two_runs_of_one_id_started_together(self):
         write_long_epoch(self.data)
         env = subprocess_env()
-        processes = [subprocess.Popen(self.command("same", "lstm", "--epochs", 1), env=env, text=True,
+        processes = [popen(self.command("same", "lstm", "--epochs", 1), env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
         results = []
         for process in processes:
@@ -113,7 +113,7 @@ class OneOwnerTest(SafetyCase):
 
     def test_a_second_process_is_refused_naming_the_owner(self):
         write_long_epoch(self.data)
-        first = subprocess.Popen(self.command("busy", "lstm", "--epochs", 50), env=subprocess_env(),
+        first = popen(self.command("busy", "lstm", "--epochs", 50), env=subprocess_env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(first.wait)
         self.addCleanup(first.kill)
@@ -124,7 +124,7 @@ class OneOwnerTest(SafetyCase):
 
 def dead_pid():
     """The PID of a process that has ended."""
-    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+    return run_command([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
 
 
@@ -269,9 +269,9 @@ class SignalsTest(SafetyCase):
                  for a in self.command(exp_id, "lstm", "--epochs", epochs)]
         self.addCleanup(shutil.rmtree, self.logs + "-alone", True)
         # The run left alone goes on beside the signalled one and its resumption.
-        alone_run = subprocess.Popen(alone, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        alone_run = popen(alone, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(alone_run.kill)
-        process = subprocess.Popen(self.command(exp_id, "lstm", "--epochs", epochs), env=subprocess_env(),
+        process = popen(self.command(exp_id, "lstm", "--epochs", epochs), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(self.log(exp_id)["epochs"]) >= wait_epochs)
         time.sleep(0.3)
@@ -339,7 +339,7 @@ class SignalsTest(SafetyCase):
     @slow
     def test_kill_nine_is_recognised(self):
         write_long_epoch(self.data)
-        process = subprocess.Popen(self.command("k9", "lstm", "--epochs", 3), env=subprocess_env(),
+        process = popen(self.command("k9", "lstm", "--epochs", 3), env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: len(self.log("k9")["epochs"]) >= 1)
         process.kill()

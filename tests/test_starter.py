@@ -19,7 +19,7 @@ import unittest
 import torch
 
 from lstm_solution import LSTM
-from tests.helpers import ROOT, TINY, slow, tiny_gpt, tiny_lstm
+from tests.helpers import ROOT, TINY, run_command, slow, tiny_gpt, tiny_lstm
 from utils.batch_loss import BatchLoss
 from utils.grading import rubric
 from utils.language_model import LanguageModel
@@ -33,7 +33,7 @@ TRIVIAL = {"", "pass", "return", "else:", "try:", "finally:", '"""', "@staticmet
 def run_child(folder, code, timeout=120):
     """Run `code` with python in `folder` (first on sys.path); the completed process."""
     environment = dict(os.environ, PYTHONPATH=folder, PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=folder, env=environment,
+    return run_command([sys.executable, "-c", textwrap.dedent(code)], cwd=folder, env=environment,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -184,7 +184,7 @@ class StarterOfThePackageTest(unittest.TestCase):
 
     def test_the_grader_gives_it_zero_without_a_crash(self):
         results = os.path.join(self.temporary, "results.json")
-        process = subprocess.run([sys.executable, "-m", "utils.grade", self.out, "--json", results,
+        process = run_command([sys.executable, "-m", "utils.grade", self.out, "--json", results,
                                   "--timeout", "30"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         self.assertEqual(process.returncode, 0, process.stderr)
         with open(results, encoding="utf-8") as file:
@@ -307,7 +307,7 @@ class BadInputTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.temporary)
 
     def command(self, *args):
-        return subprocess.run([sys.executable, "-m", "utils.starter", *args], cwd=ROOT,
+        return run_command([sys.executable, "-m", "utils.starter", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
     def test_a_folder_with_files_is_refused_then_replaced_with_overwrite(self):
@@ -335,7 +335,7 @@ class BadInputTest(unittest.TestCase):
             self.assertEqual(refused.returncode, 2, out)
             self.assertEqual(len(refused.stderr.strip().splitlines()), 1, refused.stderr)
         self.assertFalse(os.path.exists(inside))
-        for folder in ("docs", "utils", ".git"):  # --overwrite would replace a folder of the package
+        for folder in ("docs", "utils", "tests"):  # --overwrite would replace a folder of the package
             with self.assertRaisesRegex(UsageError, "outside"):
                 check_out_folder(os.path.join(ROOT, folder), overwrite=True)
 

@@ -2,7 +2,8 @@
 modules, classes or tests named, as `python -m unittest` takes them), then prints the total wall
 time, the load average and the N slowest tests with their seconds.
 
-A class's setUpClass is counted in its first test, as it runs just before it."""
+A class's setUpClass is counted in its first test, as it runs just before it. The tests run in this
+process, one after the other (TESTS_WORKERS=1), so that each one's seconds are its own."""
 import argparse
 import os
 import sys
@@ -31,6 +32,7 @@ def main(argv=None):
     parser.add_argument("-v", "--verbose", action="store_true", help="unittest's verbose output")
     parser.add_argument("names", nargs="*", help="modules, classes or tests (default: the whole suite)")
     args = parser.parse_args(argv)
+    os.environ["TESTS_WORKERS"] = "1"  # read by tests/__init__.py's load_tests
     loader = unittest.TestLoader()
     if args.names:
         suite = loader.loadTestsFromNames(args.names)
