@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -248,7 +249,13 @@ def warm_workers():
             env = dict(env, **{study.PARENT_ENV: str(warm.Server.pid())})
         return warm.start(args, env=env, **kwargs)
 
-    with mock.patch.object(study.subprocess, "Popen", start):
+    class Subprocess:  # utils.study's view of subprocess: only its Popen is replaced
+        Popen = staticmethod(start)
+
+        def __getattr__(self, name):
+            return getattr(subprocess, name)
+
+    with mock.patch.object(study, "subprocess", Subprocess()):
         yield
 
 

@@ -2,15 +2,17 @@
 of itself is compared between a warm child and a cold one started with the same arguments."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import unittest
 
 from tests import warm
-from tests.helpers import ROOT, slow, wait_for
+from tests.helpers import ROOT, children_take_sigint, slow, wait_for
 
 PROBE = textwrap.dedent("""
     import json, os, signal, sys, tempfile
@@ -19,7 +21,8 @@ PROBE = textwrap.dedent("""
              "env": os.environ.get("PROBE"), "leader": os.getsid(0) == os.getpid(),
              "sigint": repr(signal.getsignal(signal.SIGINT)), "sigterm": repr(signal.getsignal(signal.SIGTERM)),
              "sigpipe": repr(signal.getsignal(signal.SIGPIPE)), "bytecode": sys.dont_write_bytecode,
-             "stdin": sys.stdin.read(), "tmp": tempfile.gettempdir(), "stderr_errors": sys.stderr.errors,
+             "stdin": sys.stdin.read(), "tmp": tempfile.gettempdir(), "umask": os.umask(0o22),
+             "errors": [sys.stdin.errors, sys.stdout.errors, sys.stderr.errors],
              "stdout": [sys.stdout.line_buffering, sys.stdout.write_through, type(sys.stdout.buffer).__name__],
              "stderr": [sys.stderr.line_buffering, sys.stderr.write_through, type(sys.stderr.buffer).__name__],
              "tests": "tests" in sys.modules}
@@ -39,14 +42,15 @@ def both(args, **kwargs):
 class SameFactsTest(unittest.TestCase):
     def setUp(self):
         self.folder = tempfile.mkdtemp(prefix="warm-test-")
+        self.addCleanup(shutil.rmtree, self.folder)
         self.script = os.path.join(self.folder, "probe.py")
         with open(self.script, "w") as file:
             file.write(PROBE)
         self.env = dict(os.environ, PROBE="here", PROBE_EXIT="3", PYTHONPATH="/probe-extra",
                         PYTHONDONTWRITEBYTECODE="1", TMPDIR=self.folder)
 
-    def assert_same(self, args, **kwargs):
-        hot, fresh = both(args, env=self.env, cwd=self.folder, input="some input", **kwargs)
+    def assert_same(self, args, cwd=None, **kwargs):
+        hot, fresh = both(args, env=self.env, cwd=cwd or self.folder, input="some\r\ninput\r", **kwargs)
         self.assertEqual(hot.returncode, fresh.returncode)
         self.assertEqual(hot.returncode, 3, fresh.stderr)
         self.assertEqual(hot.stderr, fresh.stderr)
@@ -57,7 +61,30 @@ class SameFactsTest(unittest.TestCase):
 
     def test_a_script(self):
         facts = self.assert_same([sys.executable, self.script, "a", "b c"])
-        self.assertEqual((facts["argv"], facts["stdin"], facts["tmp"]), ([self.script, "a", "b c"], "some input", self.folder))
+        self.assertEqual((facts["argv"], facts["stdin"], facts["tmp"]),
+                         ([self.script, "a", "b c"], "some\r\ninput\r", self.folder))
+
+    def test_a_script_and_a_folder_given_relative(self):
+        facts = self.assert_same([sys.executable, "probe.py"], cwd=os.path.relpath(self.folder))
+        self.assertEqual(facts["file"], self.script)
+
+    def test_a_missing_script_and_a_missing_folder(self):
+        hot, fresh = both([sys.executable, "missing.py"], cwd=self.folder)
+        self.assertEqual((hot.returncode, hot.stderr), (fresh.returncode, fresh.stderr))
+        self.assertEqual(hot.returncode, 2)
+        for run in (warm.run, subprocess.run):
+            with self.subTest(run=run), self.assertRaises(FileNotFoundError):
+                run([sys.executable, self.script], cwd=os.path.join(self.folder, "missing"))
+
+    def test_the_umask_and_an_ignored_sigterm(self):
+        umask = os.umask(0o077)
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            facts = self.assert_same([sys.executable, self.script])
+        finally:
+            os.umask(umask)
+            signal.signal(signal.SIGTERM, previous)
+        self.assertEqual((facts["umask"], facts["sigterm"]), (0o077, repr(signal.SIG_IGN)))
 
     def test_unbuffered_and_buffered_streams(self):
         for unbuffered in ("1", ""):
@@ -103,6 +130,7 @@ class SignalsTest(unittest.TestCase):
         return process.returncode
 
     def test_returncodes_of_signals(self):
+        children_take_sigint(self)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
             with self.subTest(signal=signum):
                 self.assertEqual(self.returncode_after(signum, warm.WarmPopen),
@@ -116,6 +144,19 @@ class SignalsTest(unittest.TestCase):
         os.kill(process.pid, signal.SIGTERM)
         self.assertEqual(process.wait(timeout=30), -signal.SIGTERM)
         self.assertEqual(process.poll(), -signal.SIGTERM)
+        process.kill()  # an ended child: nothing to signal, as with Popen
+
+    def test_one_thread_waits_while_another_polls(self):
+        process = warm.WarmPopen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+        waited = []
+        waiter = threading.Thread(target=lambda: waited.append(process.wait()))
+        waiter.start()
+        polled = []
+        while not polled or polled[-1] is None:
+            polled.append(process.poll())
+            process.send_signal(0)
+        waiter.join(30)
+        self.assertEqual((waited, polled[-1]), ([0], 0))
 
 
 @slow
@@ -132,12 +173,14 @@ class ProcessTest(unittest.TestCase):
         self.assertEqual(os.read(read, 100), b"through the fd")
 
     def test_children_differ_where_fresh_interpreters_do(self):
-        code = "import numpy, torch; print(numpy.random.randint(1 << 30), torch.get_num_threads())"
+        code = ("import numpy, torch; "
+                "print(numpy.random.randint(1 << 30), torch.initial_seed(), torch.get_num_threads())")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         outputs = [warm.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
                    for _ in range(2)]
         self.assertNotEqual(outputs[0][0], outputs[1][0])  # numpy's global generator, seeded per process
-        self.assertEqual(outputs[0][1], "1")  # the threads the child's environment asks for
+        self.assertNotEqual(outputs[0][1], outputs[1][1])  # and torch's
+        self.assertEqual(outputs[0][2], "1")  # the threads the child's environment asks for
 
     def test_commands_it_cannot_start_warm_go_to_subprocess(self):
         process = warm.start(["true"])
@@ -166,6 +209,23 @@ class ProcessTest(unittest.TestCase):
         client.wait()
         client.stdout.close()
         wait_for(lambda: not alive(server) and not alive(child), timeout=30)
+
+    def test_a_child_ends_with_a_killed_server(self):
+        code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tests import warm; "
+                "p = warm.WarmPopen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                "print(warm.Server.pid(), p.pid, flush=True); sys.stdin.readline(); "
+                "p.kill(); print('killed', flush=True)")
+        client = subprocess.Popen([sys.executable, "-c", code, ROOT], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        self.addCleanup(client.kill)
+        server, child = map(int, client.stdout.readline().split())
+        os.kill(server, signal.SIGKILL)
+        wait_for(lambda: not alive(child), timeout=30)
+        client.stdin.write("go\n")
+        client.stdin.close()
+        self.assertEqual(client.stdout.read(), "killed\n")  # the handle's kill does not raise
+        self.assertEqual(client.wait(timeout=30), 0)
+        client.stdout.close()
 
 
 def alive(pid):

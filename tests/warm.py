@@ -1,17 +1,19 @@
 """Warm child processes: `python script|-m module|-c code` forked from a server that has already
-imported torch, instead of a fresh interpreter that spends some 3.5 s of CPU importing it.
+imported torch, instead of a fresh interpreter that imports it again (most of the suite's time).
 
-Most of the suite's time was child runs of run_exp.py importing torch (and torch._dynamo, which
-the first optimizer imports). `WarmPopen` takes the arguments of `subprocess.Popen` that the tests
-use and starts the same command as a process of its own, with its own pid, signals, exit code,
-standard streams, passed file descriptors, session, environment, working folder, sys.argv,
-sys.path and `__main__`, as `python` would. What differs: torch and numpy are in sys.modules
-already, and the process's parent is the server. `TESTS_COLD=1` makes `start` and `run` give
-fresh interpreters instead (subprocess itself). The server (`python -m tests.warm SOCKET`) is
-started on first use, one per test process, and ends with it.
+`WarmPopen` takes the arguments of `subprocess.Popen` that the tests use and starts the command as
+a process of its own: its own pid, exit code, session, environment, working folder, umask,
+standard streams, passed file descriptors, sys.argv, sys.path, `__main__`, random seeds, and the
+signal dispositions exec would give it. What differs from `python`: the server's modules (torch,
+numpy) are imported already, with the environment the server started with; the string hash seed
+is the server's; tracebacks show runpy's frames; the parent is the server, and the child is
+killed if the server ends. `TESTS_COLD=1` makes `start` and `run` start fresh interpreters
+(subprocess itself). The server (`python -m tests.warm SOCKET`) starts on first use, one per test
+process, and ends with it.
 """
 import atexit
 import builtins
+import ctypes
 import fcntl
 import gc
 import io
@@ -23,12 +25,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import shutil
 import threading
+import time
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("numpy", "torch", "torch._dynamo")
 MAX_FDS = 32
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+# Signals a child's disposition is copied for; SIGPIPE and SIGXFSZ are Python's own at start-up
+# (ignored, in the server as in a fresh interpreter), SIGINT is set apart.
+INHERITED_SIGNALS = sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE,
+                                                          signal.SIGXFSZ, signal.SIGINT})
 _Popen = subprocess.Popen  # the real one, even where a test has replaced subprocess.Popen
 
 
@@ -75,6 +84,9 @@ def run(args, input=None, capture_output=False, timeout=None, check=False, **kwa
             process.kill()
             process.wait()
             raise
+        except BaseException:  # Ctrl-C included, as subprocess.run: the child does not outlive it
+            process.kill()
+            raise
     completed = subprocess.CompletedProcess(args, process.returncode, out, err)
     if check:
         completed.check_returncode()
@@ -104,9 +116,12 @@ class Server:
         return cls.get().process.pid
 
     def __init__(self):
-        folder = tempfile.mkdtemp(prefix="warm-")
-        self.socket_path = os.path.join(folder, "socket")
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        self.folder = tempfile.mkdtemp(prefix="warm-")
+        self.socket_path = os.path.join(self.folder, "socket")
+        # Without the thread counts a test may have set while it started, so that torch's default
+        # is a fresh interpreter's (each child sets its own from its environment).
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         # stdin: the server's lifeline (it ends when this process does); stdout: its "ready".
         self.process = _Popen([sys.executable, "-m", "tests.warm", self.socket_path], cwd=ROOT, env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -118,6 +133,7 @@ class Server:
         self.process.stdin.close()
         self.process.wait()
         self.process.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class WarmPopen:
@@ -127,9 +143,26 @@ class WarmPopen:
                  universal_newlines=None, start_new_session=False, pass_fds=(), bufsize=-1):
         self.args = args
         kind, target, argv = parse(args)
+        cwd = os.path.abspath(cwd or os.getcwd())
+        if not os.path.isdir(cwd):  # Popen raises in the parent, before any child exists
+            raise FileNotFoundError(2, "No such file or directory", cwd)
         text = bool(text or universal_newlines)
         self.returncode = None
         self.stdin = self.stdout = self.stderr = None
+        self._lock = threading.Lock()  # one reader of the server's lines at a time (wait, poll)
+        self._buffer = b""
+        try:
+            self._start(kind, target, argv, stdin, stdout, stderr, env, cwd, text, start_new_session,
+                        pass_fds)
+        except BaseException:
+            for stream in (self.stdin, self.stdout, self.stderr):
+                if stream:
+                    stream.close()
+            if hasattr(self, "_connection"):
+                self._connection.close()
+            raise
+
+    def _start(self, kind, target, argv, stdin, stdout, stderr, env, cwd, text, start_new_session, pass_fds):
         ours, theirs = {}, []  # our ends of the pipes; the child's ends, for fds 0, 1 and 2
         for number, spec in ((0, stdin), (1, stdout), (2, stderr)):
             if spec == subprocess.STDOUT and number == 2:
@@ -147,19 +180,23 @@ class WarmPopen:
             else:
                 theirs.append(spec if isinstance(spec, int) else spec.fileno())
         self.stdin, self.stdout, self.stderr = ours.get(0), ours.get(1), ours.get(2)
-        request = {"kind": kind, "target": target, "argv": argv, "cwd": os.fspath(cwd or os.getcwd()),
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = {"kind": kind, "target": target, "argv": argv, "cwd": cwd, "umask": umask,
                    "env": dict(os.environ if env is None else env), "setsid": bool(start_new_session),
                    "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                   "ignored": [int(n) for n in INHERITED_SIGNALS if signal.getsignal(n) is signal.SIG_IGN],
                    "fds": [0, 1, 2, *pass_fds]}
-        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._connection.connect(Server.path())
-        payload = json.dumps(request).encode()
-        socket.send_fds(self._connection, [b"%d\n" % len(payload)], theirs + list(pass_fds))
-        self._connection.sendall(payload)
-        for number, spec in ((0, stdin), (1, stdout), (2, stderr)):
-            if spec in (subprocess.PIPE, subprocess.DEVNULL):
-                os.close(theirs[number])
-        self._buffer = b""
+        try:
+            self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._connection.connect(Server.path())
+            payload = json.dumps(request).encode()
+            socket.send_fds(self._connection, [b"%d\n" % len(payload)], theirs + list(pass_fds))
+            self._connection.sendall(payload)
+        finally:
+            for number, spec in ((0, stdin), (1, stdout), (2, stderr)):
+                if spec in (subprocess.PIPE, subprocess.DEVNULL):
+                    os.close(theirs[number])
         line = self._line(None)
         if not line.isdigit():
             raise OSError(f"the warm server could not start {argv}: {line}")
@@ -167,12 +204,12 @@ class WarmPopen:
 
     def _line(self, timeout):
         """The server's next line; TimeoutExpired after `timeout` seconds (None: wait)."""
-        self._connection.settimeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
-            try:
-                data = self._connection.recv(4096)
-            except (socket.timeout, BlockingIOError):
-                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._connection], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            data = self._connection.recv(4096)
             if not data:
                 raise OSError("the warm server closed the connection")
             self._buffer += data
@@ -180,9 +217,16 @@ class WarmPopen:
         return line.decode()
 
     def wait(self, timeout=None):
-        if self.returncode is None:
-            self.returncode = int(self._line(timeout))
-            self._connection.close()
+        if self.returncode is not None:
+            return self.returncode
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)  # another thread is waiting
+        try:
+            if self.returncode is None:
+                self.returncode = int(self._line(timeout))
+                self._connection.close()
+        finally:
+            self._lock.release()
         return self.returncode
 
     def poll(self):
@@ -192,8 +236,15 @@ class WarmPopen:
             return None
 
     def send_signal(self, signum):
-        if self.poll() is None:
-            os.kill(self.pid, signum)
+        try:
+            running = self.poll() is None
+        except OSError:
+            running = True  # the server is gone; the child may not be (it gets SIGKILL from the kernel)
+        if running:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass  # reaped by the server, its exit code not read yet: as Popen, nothing to signal
 
     def terminate(self):
         self.send_signal(signal.SIGTERM)
@@ -231,10 +282,16 @@ class WarmPopen:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, value, traceback):
         for stream in (self.stdout, self.stderr, self.stdin):
             if stream and not hasattr(self, "_readers"):
                 stream.close()
+        if kind is KeyboardInterrupt:  # as Popen: a moment for the child to end, then no waiting
+            try:
+                self.wait(0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            return
         self.wait()
 
 
@@ -247,6 +304,8 @@ def serve(socket_path):
     import torch
 
     default_threads = torch.get_num_threads()
+    server = os.getpid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tests; the server ends with them
     # What the imports made lives as long as each child: left out of every collection, the final
     # one included (some 0.9 s at each child's exit), and its pages stay shared with the server.
     gc.freeze()
@@ -269,6 +328,9 @@ def serve(socket_path):
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1024):
             for pid in children:
                 os.kill(pid, signal.SIGKILL)
+            for pid in children:
+                os.waitpid(pid, 0)
+            shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)  # even if the client was killed
             return None
         if wake_read in readable:
             while True:
@@ -289,8 +351,16 @@ def serve(socket_path):
             connection.close()
         if listener in readable:
             connection, _ = listener.accept()
-            request, fds = receive(connection)
-            pid = os.fork()
+            try:
+                request, fds = receive(connection)
+                pid = os.fork()
+            except Exception as error:  # a client gone, a request cut short, no fork: that one fails
+                try:
+                    connection.sendall(f"{type(error).__name__}: {error}\n".encode())
+                except OSError:
+                    pass
+                connection.close()
+                continue
             if pid == 0:
                 for other in (listener, *children.values()):
                     other.close()
@@ -300,16 +370,24 @@ def serve(socket_path):
                     os.close(fd)
                 connection.close()
                 request["default_threads"] = default_threads
+                request["server"] = server
                 return request, fds
             for fd in fds:
                 os.close(fd)
             children[pid] = connection
-            connection.sendall(b"%d\n" % pid)
+            try:
+                connection.sendall(b"%d\n" % pid)
+            except OSError:
+                pass  # its client is gone; the child is reaped as any other
 
 
 def receive(connection):
     """A request: its header line comes with the file descriptors, then its JSON."""
-    data, fds, _, _ = socket.recv_fds(connection, 65536, MAX_FDS)
+    data, fds, flags, _ = socket.recv_fds(connection, 65536, MAX_FDS)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"more than {MAX_FDS} file descriptors passed")
     header, payload = data.split(b"\n", 1)
     while len(payload) < int(header):
         payload += connection.recv(int(header) - len(payload))
@@ -318,6 +396,10 @@ def receive(connection):
 
 def become(request, fds):
     """Turn this forked server into the child `python` would have started for `request`."""
+    # Ends with the server, so that a server killed leaves no child nobody can wait for.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != request["server"]:
+        os._exit(1)  # the server ended before that took effect
     if request["setsid"]:
         os.setsid()
     # The received descriptors above every target first, so that no dup2 overwrites one not yet moved.
@@ -333,6 +415,13 @@ def become(request, fds):
     os.environ.clear()
     os.environ.update(env)
     os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    # As exec: what the client ignores stays ignored, every other disposition is the default.
+    for number in INHERITED_SIGNALS:
+        try:
+            signal.signal(number, signal.SIG_IGN if number in request["ignored"] else signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # a signal the system does not let a process set
     signal.signal(signal.SIGINT, signal.SIG_IGN if request["sigint_ignored"] else signal.default_int_handler)
     streams(env)
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
@@ -348,7 +437,8 @@ def become(request, fds):
     import numpy
     import torch
 
-    numpy.random.seed()  # a fresh interpreter's global generator is seeded from the OS
+    numpy.random.seed()  # fresh interpreters' global generators are seeded from the OS
+    torch.seed()
     threads = env.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdecimal() and int(threads) else request["default_threads"])
 
@@ -362,11 +452,12 @@ def streams(env):
     def stream(fd, write, errors, line_buffering):
         raw = io.FileIO(fd, "wb" if write else "rb", closefd=False)
         buffered = raw if write and unbuffered else (io.BufferedWriter(raw) if write else io.BufferedReader(raw))
-        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering,
-                                write_through=write and unbuffered)
+        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, newline="\n",
+                                line_buffering=line_buffering, write_through=write and unbuffered)
 
-    sys.stdin = sys.__stdin__ = stream(0, False, errors or "strict", False)
-    sys.stdout = sys.__stdout__ = stream(1, True, errors or "strict", os.isatty(1) and not unbuffered)
+    # The server's own streams were made by Python's start-up for the same locale.
+    sys.stdin = sys.__stdin__ = stream(0, False, errors or sys.__stdin__.errors, False)
+    sys.stdout = sys.__stdout__ = stream(1, True, errors or sys.__stdout__.errors, os.isatty(1) and not unbuffered)
     sys.stderr = sys.__stderr__ = stream(2, True, "backslashreplace", not unbuffered)
 
 
@@ -375,15 +466,30 @@ def execute(request):
     import runpy
 
     kind, target = request["kind"], request["target"]
-    if kind == "script":
-        runpy.run_path(target, run_name="__main__")
-    elif kind == "module":
+    if kind == "module":
         runpy.run_module(target, run_name="__main__", alter_sys=True)
+    elif kind == "code":
+        run_main(compile(target, "<string>", "exec"))
     else:
-        main = types.ModuleType("__main__")
-        main.__builtins__ = builtins
-        sys.modules["__main__"] = main
-        exec(compile(target, "<string>", "exec"), main.__dict__)
+        path = os.path.abspath(target)  # __file__ is absolute in a fresh interpreter, sys.argv[0] as given
+        try:
+            with open(path, "rb") as file:
+                source = file.read()
+        except OSError as error:
+            sys.stderr.write(f"{sys.executable}: can't open file {path!r}: [Errno {error.errno}] {error.strerror}\n")
+            sys.exit(2)
+        run_main(compile(source, path, "exec"), file=path)
+
+
+def run_main(code, file=None):
+    """Execute `code` in a fresh `__main__` module, as the interpreter runs a script or -c."""
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    if file is not None:
+        main.__file__ = file
+        main.__cached__ = None
+    sys.modules["__main__"] = main
+    exec(code, main.__dict__)
 
 
 if __name__ == "__main__":
