@@ -1,8 +1,8 @@
 """The suite on several cores: `python -m unittest` runs the test modules in worker processes, one
 per core up to 4 (`TESTS_WORKERS=N` sets how many; 1 runs the suite in this process).
 
-Most of the suite's time is child processes that train, signal or grade, one core each, so on a
-2-core machine two workers take about a third off. `tests/__init__.py` hands discovery's suite to
+Most of the suite's time is child processes that train, signal or grade, one core each, so a
+worker per core keeps every core busy. `tests/__init__.py` hands discovery's suite to
 `ParallelSuite`: each module goes whole to one worker (its class and module fixtures stay
 together), the slowest first, and every outcome is replayed into the runner's own result, so the
 output, the counts and the exit code are unittest's. A module, class or test named on the command

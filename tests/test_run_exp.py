@@ -11,7 +11,7 @@ import unittest
 import numpy as np
 import torch
 
-from tests.helpers import (RUN_DATA, popen, ROOT, TinyRunCase, run_main, skip_unless_cpu_autocast, slow,
+from tests.helpers import (ROOT, RUN_DATA, TinyRunCase, popen, run_main, skip_unless_cpu_autocast, slow,
                            subprocess_env, wait_for, write_long_epoch)
 from utils import training
 from utils.models import load_checkpoint

@@ -22,8 +22,8 @@ from unittest import mock
 
 import numpy as np
 
-from tests.helpers import (RUN_EXP, popen, run_command, TINY, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, tiny_lstm,
-                           wait_for, write_long_epoch)
+from tests.helpers import (RUN_EXP, TINY, TinyRunCase, children_take_sigint, popen, run_command, run_main, slow,
+                           subprocess_env, tiny_lstm, wait_for, write_long_epoch)
 from utils import checkpoint, experiment, run_folder, training
 from utils.checkpoint import DIGEST_LINE_BYTES, read_checkpoint, verify_checkpoint
 from utils.cli import UsageError

@@ -9,8 +9,8 @@ import tempfile
 import unittest
 from unittest import mock
 
-from tests.helpers import (RUN_EXP, popen, warm_workers, TinyRunCase, children_take_sigint, run_main, slow, subprocess_env, wait_for,
-                           write_long_epoch)
+from tests.helpers import (RUN_EXP, TinyRunCase, children_take_sigint, popen, run_main, slow, subprocess_env,
+                           wait_for, warm_workers, write_long_epoch)
 from utils.data_utils import read_log
 from utils.study import Outcome, exit_code, summary_table, worker_command_line
 
@@ -23,9 +23,7 @@ class StudyCase(TinyRunCase):
         patch = mock.patch.dict(os.environ, OMP_NUM_THREADS="1")  # workers: one core each
         patch.start()
         self.addCleanup(patch.stop)
-        workers = warm_workers()  # the workers of the studies run in this process
-        workers.__enter__()
-        self.addCleanup(workers.__exit__, None, None, None)
+        self.enterContext(warm_workers())  # the workers of the studies run in this process
         self.addCleanup(shutil.rmtree, self.data, True)
         self.addCleanup(shutil.rmtree, self.logs, True)
 
@@ -88,8 +86,7 @@ class ParallelTest(StudyCase):
         # on a busy machine, has written its first log (else i1 finishes and i3 starts).
         command = [sys.executable, RUN_EXP, *[str(a) for a in self.args("i1,i2,i3", "lstm", "--epochs", 3,
                                                                          "--jobs", 2)]]
-        parent = popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        parent = popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: all(os.path.isfile(os.path.join(self.logs, i, "log.json")) for i in ("i1", "i2")))
         parent.send_signal(signal.SIGINT)
         out, err = parent.communicate(timeout=120)
